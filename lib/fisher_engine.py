@@ -1,0 +1,270 @@
+"""Diagonal Fisher of an in-memory torch model: hooks + per-layer rules, at about backprop cost.
+
+One forward pass per batch records each parameter-holding module's inputs and outputs; each
+log-likelihood term is backpropagated to those *outputs only* (no parameter-gradient matmuls),
+and the per-layer rules turn (input, output-gradient) into squared per-example gradients.
+Tied parameters sum their per-example gradients over all uses before squaring. The first batch
+is checked against autograd's batch gradient, so a parameter used outside its module's forward
+fails loudly instead of being skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from lib.errors import FishmergeError
+from lib.fisher_likelihood import ESTIMATORS, detect_head, log_likelihood_terms
+from lib.fisher_rules import Call, Rule, VmapFallbackRule, _chunk_size, _slices, rule_for
+
+DEFAULT_MAX_MEMORY = 512 * 2**20
+
+
+def _derives_positions_from_ids(model: nn.Module) -> bool:
+    """RoBERTa-style embeddings compute per-example position ids (offset by padding_idx) themselves."""
+    return any(hasattr(type(m), "create_position_ids_from_input_ids") for m in model.modules())
+
+
+def model_inputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Forward kwargs with per-example position ids (never a broadcast (1, T) tensor)."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    accepted = inspect.signature(model.forward).parameters
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    elif "position_ids" in accepted and not _derives_positions_from_ids(model):
+        inputs["position_ids"] = (mask.long().cumsum(1) - 1).clamp(min=0)
+    if "token_type_ids" in batch:  # never invent them: GPT-2 would add wte[0] to every position
+        inputs["token_type_ids"] = batch["token_type_ids"]
+    if "use_cache" in accepted:
+        inputs["use_cache"] = False
+    return inputs
+
+
+class FisherAccumulator:
+    """Accumulates Σₙ E_y[(∇θ log p(y|xₙ))²] over batches for every trainable parameter.
+
+    Use as a context manager (hooks are removed on exit), feed `add_batch`, read `fisher()`.
+    The model is put in eval mode. `max_memory` bounds the bytes of per-example gradient
+    tensors held at once (examples are sub-chunked to fit). `fallback="vmap"` computes modules
+    without a rule by torch.func; `"error"` rejects them up front.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        estimator: str = "exact",
+        *,
+        head: str | None = None,
+        seed: int = 0,
+        max_memory: int = DEFAULT_MAX_MEMORY,
+        fallback: str = "vmap",
+        max_exact_classes: int = 64,
+        verify: bool = True,
+    ):
+        if estimator not in ESTIMATORS:
+            raise FishmergeError(f"unknown estimator '{estimator}': choose one of {', '.join(ESTIMATORS)}")
+        if fallback not in ("vmap", "error"):
+            raise FishmergeError(f"unknown fallback '{fallback}': choose 'vmap' or 'error'")
+        self.model = model.eval()
+        self.estimator = estimator
+        self.head = head or detect_head(model)
+        self.seed = seed
+        self.max_memory = int(max_memory)
+        self.max_exact_classes = max_exact_classes
+        self.verify_pending = verify
+        self.n_examples = 0
+        self._recording = False
+        self._calls: list[Call] = []
+
+        self.names: dict[int, str] = {}
+        self.params: dict[str, nn.Parameter] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self.names[id(p)] = name
+                self.params[name] = p
+        if not self.params:
+            raise FishmergeError("the model has no trainable parameters: nothing to estimate a Fisher for")
+        self.sums = {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in self.params.items()}
+
+        self._rules: dict[nn.Module, Rule] = {}
+        fallback_rule = VmapFallbackRule(self._hooks_off)
+        uncovered = []
+        self._handles = []
+        for mname, module in model.named_modules():
+            own = [k for k, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            rule = rule_for(module)
+            if rule is None:
+                uncovered.append(f"{mname} ({type(module).__name__})")
+                rule = fallback_rule
+            self._rules[module] = rule
+            self._handles.append(module.register_forward_hook(self._make_hook(mname), with_kwargs=True))
+        if uncovered and fallback == "error":
+            self.close()
+            raise FishmergeError(
+                f"no per-layer rule for parameter-holding module(s): {', '.join(uncovered)}. Use the vmap "
+                "fallback (fallback='vmap', CLI --fallback vmap), register a rule with "
+                "lib.fisher_rules.register_rule, or freeze those parameters."
+            )
+        self.fallback_modules = uncovered
+
+    # hooks ---------------------------------------------------------------------------------
+    def _make_hook(self, module_name: str):
+        def hook(module, args, kwargs, output):
+            if not self._recording:
+                return None
+            outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
+            if not outs:
+                return None
+            args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+            self._calls.append(Call(module, module_name, args, dict(kwargs), outs))
+            return None
+
+        return hook
+
+    @contextlib.contextmanager
+    def _hooks_off(self) -> Iterator[None]:
+        was, self._recording = self._recording, False
+        try:
+            yield
+        finally:
+            self._recording = was
+
+    def close(self) -> None:
+        """Remove the hooks from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> FisherAccumulator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # accumulation --------------------------------------------------------------------------
+    def add_batch(self, batch: Mapping[str, torch.Tensor], example_ids: Sequence[int]) -> None:
+        """Add the squared per-example gradients of a batch (tensors on the model's device)."""
+        n = int(batch["input_ids"].shape[0])
+        if len(example_ids) != n:
+            raise FishmergeError(f"got {len(example_ids)} example ids for a batch of {n}")
+        self._calls = []
+        self._recording = True
+        try:
+            with torch.enable_grad():
+                out = self.model(**model_inputs(self.model, batch))
+        finally:
+            self._recording = False
+        calls, self._calls = self._calls, []
+        logits = out.logits if hasattr(out, "logits") else out
+        terms = log_likelihood_terms(
+            logits,
+            dict(batch),
+            head=self.head,
+            estimator=self.estimator,
+            seed=self.seed,
+            example_ids=example_ids,
+            max_exact_classes=self.max_exact_classes,
+        )
+        outputs = [t for c in calls for t in c.outputs]
+        uses: dict[int, int] = defaultdict(int)
+        for c in calls:
+            for _, p in c.module.named_parameters(recurse=False):
+                if id(p) in self.names:
+                    uses[id(p)] += 1
+        for i, term in enumerate(terms):
+            verify = self.verify_pending and i == 0
+            retain = verify or i < len(terms) - 1
+            grads = torch.autograd.grad(term, outputs, retain_graph=retain, allow_unused=True)
+            it = iter(grads)
+            for c in calls:
+                c.grads = [next(it) for _ in c.outputs]
+            live = [c for c in calls if any(g is not None for g in c.grads)]
+            if verify:
+                self._verify(term, live, n, retain_graph=i < len(terms) - 1)
+                self.verify_pending = False
+            self._accumulate(live, n, uses)
+        self.n_examples += n
+
+    def _own(self, call: Call) -> list[tuple[str, nn.Parameter]]:
+        return [(k, p) for k, p in call.module.named_parameters(recurse=False) if id(p) in self.names]
+
+    def _accumulate(self, calls: list[Call], n: int, uses: Mapping[int, int]) -> None:
+        shared: dict[int, list[tuple[Call, str]]] = defaultdict(list)
+        for c in calls:
+            _fill_missing_grads(c)
+            rule = self._rules[c.module]
+            single = []
+            for k, p in self._own(c):
+                (single.append(k) if uses[id(p)] == 1 else shared[id(p)].append((c, k)))
+            if single:
+                for k, sq in rule.squared(c, n, single, self.max_memory).items():
+                    self.sums[self.names[id(getattr(c.module, k))]].add_(sq)
+        for pid, places in shared.items():
+            name = self.names[pid]
+            size = _chunk_size(n, self.params[name].numel(), self.max_memory)
+            for sl in _slices(n, size):
+                total = None
+                for c, k in places:
+                    g = self._rules[c.module].per_example(c, n, sl, [k])[k]
+                    total = g if total is None else total.add_(g)
+                self.sums[name].add_(total.square().sum(0))
+
+    def _verify(self, term: torch.Tensor, calls: list[Call], n: int, retain_graph: bool) -> None:
+        """Compare Σₙ gₙ from the rules with autograd's batch gradient, once, on the first batch."""
+        names = list(self.params)
+        true = torch.autograd.grad(term, [self.params[k] for k in names], retain_graph=True, allow_unused=True)
+        ours = {k: torch.zeros_like(self.sums[k]) for k in names}
+        for c in calls:
+            _fill_missing_grads(c)
+            own = [k for k, _ in self._own(c)]
+            for k, g in self._rules[c.module].summed(c, n, own, self.max_memory).items():
+                ours[self.names[id(getattr(c.module, k))]].add_(g)
+        true = [torch.zeros_like(ours[k]) if t is None else t.float() for k, t in zip(names, true)]
+        floor = 1e-5 * float(torch.stack([t.norm() for t in true]).norm())  # grads that are 0 in exact math
+        for k, t in zip(names, true):
+            p = self.params[k]
+            tol = 1e-3 if p.dtype == torch.float32 or p.dtype == torch.float64 else 5e-2
+            err = (ours[k] - t).norm()
+            scale = torch.maximum(t.norm(), ours[k].norm())
+            if err > tol * scale + floor:
+                raise FishmergeError(
+                    f"the per-layer rules do not reproduce the gradient of parameter '{k}' (relative error "
+                    f"{float(err / scale):.2e}): it is used outside its module's forward, or by a module "
+                    "whose rule does not fit it. Freeze it, or register a rule (lib.fisher_rules.register_rule)."
+                )
+
+    def fisher(self) -> dict[str, torch.Tensor]:
+        """F = (1/N) Σₙ E_y[gₙ²] per parameter name, fp32 on CPU."""
+        if self.n_examples == 0:
+            raise FishmergeError("no examples were seen: the dataset selection is empty")
+        return {k: (v / self.n_examples).cpu() for k, v in self.sums.items()}
+
+
+def _fill_missing_grads(call: Call) -> None:
+    """An output that did not reach the loss has a zero gradient."""
+    call.grads = [torch.zeros_like(o) if g is None else g for o, g in zip(call.outputs, call.grads)]
+
+
+def estimate_fisher(
+    model: nn.Module,
+    batches: Iterable[tuple[Mapping[str, torch.Tensor], Sequence[int]]],
+    estimator: str = "exact",
+    **options,
+) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher over `batches` of (model inputs, example ids); options as FisherAccumulator."""
+    with FisherAccumulator(model, estimator, **options) as acc:
+        for batch, ids in batches:
+            acc.add_batch(batch, ids)
+        return acc.fisher()

@@ -1,0 +1,298 @@
+"""Per-layer rules: per-example parameter gradients from a module's input and output gradient.
+
+Each rule turns one recorded call of a module (its input activations A and the gradient B of
+the summed log-likelihood w.r.t. its output) into either
+- `squared`: Σₙ gₙ², the sum over examples of squared per-example gradients, without ever
+  holding more than `budget` bytes of per-example tensors; or
+- `per_example`: gₙ for a slice of examples, for parameters used more than once (tied
+  weights), whose per-example gradients must be summed over uses before squaring.
+All arithmetic is fp32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten
+
+from lib.errors import FishmergeError
+
+
+@dataclass
+class Call:
+    """One forward call of a parameter-holding module, recorded by the engine's hooks."""
+
+    module: nn.Module
+    module_name: str
+    args: tuple
+    kwargs: dict
+    outputs: list[torch.Tensor]  # tensor outputs that take part in autograd
+    grads: list[torch.Tensor | None] = field(default_factory=list)
+
+    @property
+    def grad_out(self) -> torch.Tensor:
+        return self.grads[0]
+
+
+def _chunk_size(n: int, per_example_elems: int, budget: int) -> int:
+    """How many examples' fp32 per-example tensors fit in `budget` bytes (at least one)."""
+    return max(1, min(n, budget // max(1, 4 * per_example_elems)))
+
+
+def _slices(n: int, size: int) -> list[slice]:
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _as_3d(x: torch.Tensor, n: int, module_name: str) -> torch.Tensor:
+    """View (n, *, d) as (n, T, d) in fp32, failing loudly on a broadcast batch dimension."""
+    if x.dim() < 2 or x.shape[0] != n:
+        raise FishmergeError(
+            f"module '{module_name}' saw an input of shape {tuple(x.shape)} in a batch of {n} "
+            "examples: per-example gradients need the example dimension first. This usually "
+            "means a broadcast (1, T) input such as position_ids; pass per-example inputs."
+        )
+    return x.reshape(n, -1, x.shape[-1]).float()
+
+
+class Rule:
+    """Base class; subclasses implement `squared` and `per_example` for one module type."""
+
+    def squared(self, call: Call, n: int, names: Sequence[str], budget: int) -> dict[str, torch.Tensor]:
+        """Σₙ gₙ² for the named local parameters (fp32, the parameters' shapes)."""
+        return self._reduce(call, n, names, budget, lambda g: g.square().sum(0))
+
+    def summed(self, call: Call, n: int, names: Sequence[str], budget: int) -> dict[str, torch.Tensor]:
+        """Σₙ gₙ, the batch gradient; the engine checks it against autograd to catch uncovered uses."""
+        return self._reduce(call, n, names, budget, lambda g: g.sum(0))
+
+    def _reduce(self, call, n, names, budget, fn) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        params = dict(call.module.named_parameters(recurse=False))
+        per_elems = sum(params[k].numel() for k in names)
+        for sl in _slices(n, _chunk_size(n, per_elems, budget)):
+            for k, g in self.per_example(call, n, sl, names).items():
+                s = fn(g)
+                out[k] = out[k] + s if k in out else s
+        return out
+
+    def per_example(self, call: Call, n: int, sl: slice, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """gₙ for examples in `sl`, shape (len(sl), *param.shape), fp32."""
+        raise NotImplementedError
+
+
+class LinearRule(Rule):
+    """nn.Linear: gₙ = Bₙᵀ Aₙ over tokens; bias gₙ = Σₜ Bₙₜ. 2-D inputs need no per-example tensor."""
+
+    transposed = False  # HF Conv1D stores the weight as (in, out)
+
+    def _ab(self, call: Call, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _as_3d(call.args[0], n, call.module_name), _as_3d(call.grad_out, n, call.module_name)
+
+    def squared(self, call, n, names, budget):
+        a, b = self._ab(call, n)
+        out: dict[str, torch.Tensor] = {}
+        if "weight" in names:
+            if a.shape[1] == 1:  # one token per example: (gₙ)² = (Bₙ²)ᵀ(Aₙ²), summed by one matmul
+                w = b[:, 0].square().t() @ a[:, 0].square()
+                out["weight"] = w.t() if self.transposed else w
+            else:
+                size = _chunk_size(n, a.shape[2] * b.shape[2], budget)
+                acc = None
+                for sl in _slices(n, size):
+                    g = self._weight_per_example(a[sl], b[sl])
+                    s = g.square_().sum(0)
+                    acc = s if acc is None else acc.add_(s)
+                out["weight"] = acc
+        if "bias" in names:
+            out["bias"] = b.sum(1).square().sum(0)
+        return out
+
+    def _weight_per_example(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return torch.bmm(a.transpose(1, 2), b)
+        return torch.bmm(b.transpose(1, 2), a)
+
+    def per_example(self, call, n, sl, names):
+        a, b = self._ab(call, n)
+        out = {}
+        if "weight" in names:
+            out["weight"] = self._weight_per_example(a[sl], b[sl])
+        if "bias" in names:
+            out["bias"] = b[sl].sum(1)
+        return out
+
+
+class Conv1DRule(LinearRule):
+    """Hugging Face Conv1D (GPT-2): a Linear whose weight is stored (in, out)."""
+
+    transposed = True
+
+
+class EmbeddingRule(Rule):
+    """nn.Embedding: sum output gradients per (example, token id), skip padding_idx, square.
+
+    Never builds a batch × vocab × hidden tensor except for tied weights (`per_example`),
+    where the dense per-example gradient is required, and then only for a budgeted slice.
+    """
+
+    def _ids_grads(self, call: Call, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        m = call.module
+        if getattr(m, "scale_grad_by_freq", False) or getattr(m, "max_norm", None) is not None:
+            raise FishmergeError(
+                f"embedding '{call.module_name}' uses scale_grad_by_freq or max_norm, which fishmerge's "
+                "embedding rule does not model; disable them for Fisher estimation."
+            )
+        ids = call.args[0]
+        if ids.dim() < 1 or ids.shape[0] != n:
+            _as_3d(ids.unsqueeze(-1).float(), n, call.module_name)  # raises the broadcast error
+        ids = ids.reshape(n, -1)
+        b = call.grad_out.reshape(n, ids.shape[1], -1).float()
+        return ids, b
+
+    def _row_sums(self, ids: torch.Tensor, b: torch.Tensor, pad: int | None, vocab: int):
+        """Unique (example, id) keys and the summed output gradient of each."""
+        s = ids.shape[0]
+        example = torch.arange(s, device=ids.device).unsqueeze(1).expand_as(ids)
+        keep = torch.ones_like(ids, dtype=torch.bool) if pad is None else ids != pad
+        keys = (example * vocab + ids)[keep]
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        sums = torch.zeros(uniq.numel(), b.shape[-1], device=b.device, dtype=torch.float32)
+        sums.index_add_(0, inverse, b[keep])
+        return uniq, sums
+
+    def squared(self, call, n, names, budget):
+        ids, b = self._ids_grads(call, n)
+        m = call.module
+        uniq, sums = self._row_sums(ids, b, m.padding_idx, m.num_embeddings)
+        acc = torch.zeros(m.num_embeddings, b.shape[-1], device=b.device, dtype=torch.float32)
+        acc.index_add_(0, uniq % m.num_embeddings, sums.square())
+        return {"weight": acc}
+
+    def per_example(self, call, n, sl, names):
+        ids, b = self._ids_grads(call, n)
+        m = call.module
+        ids, b = ids[sl], b[sl]
+        uniq, sums = self._row_sums(ids, b, m.padding_idx, m.num_embeddings)
+        dense = torch.zeros(ids.shape[0] * m.num_embeddings, b.shape[-1], device=b.device, dtype=torch.float32)
+        dense.index_add_(0, uniq, sums)
+        return {"weight": dense.view(ids.shape[0], m.num_embeddings, b.shape[-1])}
+
+
+class _AffineNormRule(Rule):
+    """Norms y = x̂ ⊙ w (+ b): per-example weight gradient Σₜ Bₙₜ ⊙ x̂ₙₜ, bias Σₜ Bₙₜ."""
+
+    def normalized(self, module: nn.Module, x: torch.Tensor, dims: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def per_example(self, call, n, sl, names):
+        m = call.module
+        shape = tuple(m.weight.shape) if getattr(m, "weight", None) is not None else tuple(m.bias.shape)
+        dims = len(shape)
+        x = call.args[0]
+        if x.dim() < 1 or x.shape[0] != n:
+            _as_3d(x, n, call.module_name)  # raises the broadcast error
+        s = sl.stop - sl.start
+        x = x[sl].float().reshape(s, -1, *shape)
+        b = call.grad_out[sl].float().reshape(s, -1, *shape)
+        out = {}
+        if "weight" in names:
+            out["weight"] = (b * self.normalized(m, x, dims)).sum(1)
+        if "bias" in names:
+            out["bias"] = b.sum(1)
+        return out
+
+
+class LayerNormRule(_AffineNormRule):
+    def normalized(self, module, x, dims):
+        return torch.nn.functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+
+class RMSNormRule(_AffineNormRule):
+    """torch.nn.RMSNorm and Llama-style RMSNorm (w ⊙ x·rsqrt(mean(x²)+eps), no mean subtraction)."""
+
+    def normalized(self, module, x, dims):
+        eps = getattr(module, "variance_epsilon", None)
+        if eps is None:
+            eps = getattr(module, "eps", None)
+        if eps is None:
+            eps = torch.finfo(x.dtype).eps
+        red = tuple(range(-dims, 0))
+        return x * torch.rsqrt(x.square().mean(red, keepdim=True) + eps)
+
+
+class VmapFallbackRule(Rule):
+    """Any other parameter-holding module: per-example gradients by torch.func vmap(grad).
+
+    Correct for modules whose forward treats examples independently (eval mode); slower than a
+    dedicated rule. Children's hooks are switched off by the engine while it runs.
+    """
+
+    def __init__(self, disable_hooks: Callable[[], object]):
+        self.disable_hooks = disable_hooks
+
+    def per_example(self, call, n, sl, names):
+        m = call.module
+        params = {k: p.detach() for k, p in m.named_parameters(recurse=False) if k in names}
+        arg_dims = tuple(0 if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == n else None for a in call.args)
+        args = tuple(a[sl] if d == 0 else a for a, d in zip(call.args, arg_dims))
+        grads = [g[sl] if g is not None else torch.zeros_like(o[sl]) for o, g in zip(call.outputs, call.grads)]
+        kwargs = call.kwargs
+
+        def contracted(p, xs, gs):
+            xs1 = tuple(x.unsqueeze(0) if d == 0 else x for x, d in zip(xs, arg_dims))
+            out = functional_call(m, p, xs1, kwargs)
+            leaves = [t for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.is_floating_point()]
+            return sum((leaf.float() * g.unsqueeze(0)).sum() for leaf, g in zip(leaves, gs))
+
+        try:
+            with self.disable_hooks():
+                g = vmap(grad(contracted), in_dims=(None, arg_dims, 0))(params, args, grads)
+        except Exception as exc:  # torch.func raises many types; name the module and the way out
+            raise FishmergeError(
+                f"cannot compute per-example gradients of module '{call.module_name}' "
+                f"({type(m).__name__}) with the vmap fallback: {exc}. Register a rule for it with "
+                "lib.fisher_rules.register_rule, or freeze its parameters."
+            ) from exc
+        return {k: v.float() for k, v in g.items()}
+
+
+_RULES: dict[type, Rule] = {}
+_RULES_BY_NAME: dict[str, Rule] = {}
+
+
+def register_rule(module_type: type | str, rule: Rule) -> None:
+    """Register a per-layer rule for a module class (or a class name, for classes not importable)."""
+    if isinstance(module_type, str):
+        _RULES_BY_NAME[module_type] = rule
+    else:
+        _RULES[module_type] = rule
+
+
+register_rule(nn.Linear, LinearRule())
+register_rule(nn.Embedding, EmbeddingRule())
+register_rule(nn.LayerNorm, LayerNormRule())
+if hasattr(nn, "RMSNorm"):
+    register_rule(nn.RMSNorm, RMSNormRule())
+register_rule("Conv1D", Conv1DRule())
+# Norm classes verified to compute weight * (x * rsqrt(mean(x^2) + variance_epsilon)).
+for _name in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "T5LayerNorm"):
+    register_rule(_name, RMSNormRule())
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The registered rule for a module's exact class, or None."""
+    cls = type(module)
+    if cls in _RULES:
+        return _RULES[cls]
+    if cls.__name__ in _RULES_BY_NAME:
+        return _RULES_BY_NAME[cls.__name__]
+    return None
+
+
+def numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)

@@ -1,0 +1,76 @@
+"""Independent slow oracle: batch 1, unpadded, one backward per class or draw, parameter gradients.
+
+Deliberately shares nothing with lib.fisher_engine / lib.fisher_rules. It reuses only the
+public noise stream (lib.fisher_likelihood.example_noise) so that `sampled` draws the same y;
+the draw itself (inverse CDF) is reimplemented here with numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lib.fisher_likelihood import example_noise
+
+
+def _draw(probs: torch.Tensor, u: float) -> int:
+    cdf = np.cumsum(probs.double().numpy())
+    return int(min(np.searchsorted(cdf, u * cdf[-1], side="left"), len(cdf) - 1))
+
+
+def naive_fisher(model, examples, estimator: str, head: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """examples: list of dicts with 'input_ids' (list[int]), optional 'label', and 'id'."""
+    model.eval()
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    fisher = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
+
+    def add(logp_term: torch.Tensor, weight: float, retain: bool) -> None:
+        grads = torch.autograd.grad(logp_term, list(params.values()), retain_graph=retain, allow_unused=True)
+        for (k, _), g in zip(params.items(), grads):
+            if g is not None:
+                fisher[k] += weight * g.double() ** 2
+
+    for ex in examples:
+        ids = torch.tensor([ex["input_ids"]])
+        logits = model(input_ids=ids).logits[0].float()
+        eid = ex["id"]
+        if head == "sequence_classification":
+            if logits.shape[-1] == 1:
+                mu = logits[0]
+                if estimator == "exact":
+                    add(mu, 1.0, False)
+                else:
+                    if estimator == "sampled":
+                        y = float(mu.detach()) + float(example_noise(seed, [eid], 1, "normal")[0, 0])
+                    else:
+                        y = float(ex["label"])
+                    add(-0.5 * (y - mu) ** 2, 1.0, False)
+                continue
+            logp = torch.log_softmax(logits, -1)
+            if estimator == "exact":
+                p = logp.detach().exp()
+                for c in range(logp.shape[0]):
+                    add(logp[c], float(p[c]), c < logp.shape[0] - 1)
+            else:
+                if estimator == "sampled":
+                    y = _draw(logp.detach().exp(), float(example_noise(seed, [eid], 1)[0, 0]))
+                else:
+                    y = ex["label"]
+                add(logp[y], 1.0, False)
+        elif head == "causal_lm":
+            logp = torch.log_softmax(logits[:-1], -1)
+            if estimator == "empirical":
+                ys = ex["input_ids"][1:]
+            else:
+                u = example_noise(seed, [eid], len(ex["input_ids"]))[0]
+                ys = [_draw(logp[t].detach().exp(), float(u[t])) for t in range(logp.shape[0])]
+            add(sum(logp[t, y] for t, y in enumerate(ys)), 1.0, False)
+        elif head == "token_classification":
+            logp = torch.log_softmax(logits, -1)
+            if estimator == "empirical":
+                ys = ex["labels"]
+            else:
+                u = example_noise(seed, [eid], len(ex["input_ids"]))[0]
+                ys = [_draw(logp[t].detach().exp(), float(u[t])) for t in range(logp.shape[0])]
+            add(sum(logp[t, y] for t, y in enumerate(ys)), 1.0, False)
+    return {k: (v / len(examples)).float() for k, v in fisher.items()}
