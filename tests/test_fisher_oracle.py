@@ -67,15 +67,29 @@ def assert_close(ours: dict, ref: dict, tol: float = 1e-5) -> None:
 
 
 CASES = [
-    ("bert-cls", "exact"), ("bert-cls", "sampled"), ("bert-cls", "empirical"),
-    ("bert-reg", "exact"), ("bert-reg", "sampled"), ("bert-reg", "empirical"),
-    ("bert-tok", "sampled"), ("bert-tok", "empirical"),
-    ("roberta-cls", "exact"), ("roberta-cls", "sampled"), ("roberta-cls", "empirical"),
-    ("gpt2-cls", "exact"), ("gpt2-cls", "sampled"), ("gpt2-cls", "empirical"),
-    ("gpt2-lm", "sampled"), ("gpt2-lm", "empirical"),
-    ("llama-lm", "sampled"), ("llama-lm", "empirical"),
-    ("llama-lm-tied", "sampled"), ("llama-lm-tied", "empirical"),
-    ("llama-cls", "exact"), ("llama-cls", "sampled"), ("llama-cls", "empirical"),
+    ("bert-cls", "exact"),
+    ("bert-cls", "sampled"),
+    ("bert-cls", "empirical"),
+    ("bert-reg", "exact"),
+    ("bert-reg", "sampled"),
+    ("bert-reg", "empirical"),
+    ("bert-tok", "sampled"),
+    ("bert-tok", "empirical"),
+    ("roberta-cls", "exact"),
+    ("roberta-cls", "sampled"),
+    ("roberta-cls", "empirical"),
+    ("gpt2-cls", "exact"),
+    ("gpt2-cls", "sampled"),
+    ("gpt2-cls", "empirical"),
+    ("gpt2-lm", "sampled"),
+    ("gpt2-lm", "empirical"),
+    ("llama-lm", "sampled"),
+    ("llama-lm", "empirical"),
+    ("llama-lm-tied", "sampled"),
+    ("llama-lm-tied", "empirical"),
+    ("llama-cls", "exact"),
+    ("llama-cls", "sampled"),
+    ("llama-cls", "empirical"),
 ]
 
 

@@ -10,13 +10,29 @@ COMMON = dict(vocab_size=VOCAB, initializer_range=0.3)
 
 
 def _bert_cfg(**kw):
-    return tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                         max_position_embeddings=40, pad_token_id=0, **COMMON, **kw)
+    return tf.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=40,
+        pad_token_id=0,
+        **COMMON,
+        **kw,
+    )
 
 
 def _roberta_cfg(**kw):
-    return tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                            max_position_embeddings=42, pad_token_id=1, **COMMON, **kw)
+    return tf.RobertaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=42,
+        pad_token_id=1,
+        **COMMON,
+        **kw,
+    )
 
 
 def _gpt2_cfg(**kw):
@@ -24,8 +40,17 @@ def _gpt2_cfg(**kw):
 
 
 def _llama_cfg(**kw):
-    return tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=40, pad_token_id=0, **COMMON, **kw)
+    return tf.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=40,
+        pad_token_id=0,
+        **COMMON,
+        **kw,
+    )
 
 
 BUILDERS = {

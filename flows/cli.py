@@ -1,0 +1,106 @@
+"""The `fishmerge` command line. Errors print one readable line and exit non-zero, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from lib.errors import FishmergeError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'512MB', '2GiB', '1e6'-free sizes to bytes (KB=1000, KiB=1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: '{text}' (try 512MB or 2GiB)")
+    value, unit = float(m.group(1)), (m.group(2) or "").upper()
+    base = unit[:1]
+    factor = 1024 ** ("KMGT".index(base) + 1) if unit.endswith("IB") else _UNITS[base]
+    return int(value * factor)
+
+
+def _fields(text: str) -> list[str]:
+    return [f.strip() for f in text.split(",") if f.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fishmerge", description="Fisher-weighted model merging.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fisher", help="estimate the diagonal Fisher of a model on a dataset into a Zarr store")
+    f.add_argument("--model", required=True, help="local Hugging Face model directory (safetensors + tokenizer)")
+    f.add_argument("--data", required=True, help="datasets.save_to_disk folder, or a .csv/.json/.jsonl/.parquet file")
+    f.add_argument("--split", default="train", help="split of a save_to_disk DatasetDict (default: train)")
+    f.add_argument("--text-fields", type=_fields, default=["text"], help="one or two text columns: a[,b]")
+    f.add_argument("--label-field", default="label", help="label column (needed by the empirical estimator)")
+    f.add_argument("--estimator", choices=["exact", "sampled", "empirical"], default="exact")
+    f.add_argument("--examples", type=int, default=1000, help="N examples chosen by --seed (all if N ≥ rows)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--max-length", type=int, default=128, help="truncate/pad tokens to at most this length")
+    f.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    f.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    f.add_argument(
+        "--max-memory",
+        type=parse_size,
+        default="512MiB",
+        help="bound on per-example gradient tensors held at once (e.g. 256MB, 2GiB)",
+    )
+    f.add_argument(
+        "--fallback",
+        choices=["vmap", "error"],
+        default="vmap",
+        help="modules without a per-layer rule: vmap(grad) fallback, or reject them",
+    )
+    f.add_argument("--store", required=True, help="where to write the Fisher store (a local .zarr path)")
+    f.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _cmd_fisher(args: argparse.Namespace) -> str:
+    from lib.fisher_job import FisherSpec, run_fisher
+
+    if args.batch_size <= 0 or args.max_length <= 1:
+        raise FishmergeError("--batch-size must be ≥ 1 and --max-length ≥ 2")
+    spec = FisherSpec(
+        model=args.model,
+        data=args.data,
+        split=args.split,
+        text_fields=args.text_fields,
+        label_field=args.label_field or None,
+        estimator=args.estimator,
+        examples=args.examples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        device=args.device,
+        dtype=args.dtype,
+        max_memory=args.max_memory,
+        fallback=args.fallback,
+    )
+    return run_fisher(spec, args.store, progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fishmerge` console script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        result = {"fisher": _cmd_fisher}[args.command](args)
+    except FishmergeError as exc:
+        print(f"fishmerge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fishmerge: interrupted; nothing was written at the output path", file=sys.stderr)
+        return 130
+    print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

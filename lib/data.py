@@ -1,0 +1,141 @@
+"""Text datasets for Fisher estimation: load, select N examples deterministically, tokenize, batch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lib.errors import FishmergeError
+
+FILE_LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_split(path: str | Path, split: str = "train"):
+    """A `datasets.Dataset` from a save_to_disk folder or a .csv/.json/.jsonl/.parquet file."""
+    import datasets
+
+    p = Path(path)
+    if not p.exists():
+        raise FishmergeError(f"data path '{p}' does not exist")
+    if p.is_dir():
+        try:
+            data = datasets.load_from_disk(str(p))
+        except FileNotFoundError as exc:
+            raise FishmergeError(f"'{p}' is not a datasets.save_to_disk folder: {exc}") from exc
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise FishmergeError(f"split '{split}' not in '{p}': it has {', '.join(data)}")
+            return data[split]
+        return data
+    loader = FILE_LOADERS.get(p.suffix.lower())
+    if loader is None:
+        raise FishmergeError(f"cannot read '{p}': use a save_to_disk folder or a {'/'.join(FILE_LOADERS)} file")
+    if split != "train":
+        raise FishmergeError(f"a single file has only the split 'train', not '{split}'")
+    return datasets.load_dataset(loader, data_files=str(p), split="train")
+
+
+def select_indices(n_rows: int, n_examples: int | None, seed: int) -> list[int]:
+    """N row indices chosen by `seed` (sorted); all rows when N is None or ≥ the split's size."""
+    if n_rows == 0:
+        raise FishmergeError("the dataset split is empty: nothing to estimate a Fisher on")
+    if n_examples is not None and n_examples <= 0:
+        raise FishmergeError(f"--examples must be positive, got {n_examples}")
+    if n_examples is None or n_examples >= n_rows:
+        return list(range(n_rows))
+    return sorted(np.random.default_rng(seed).permutation(n_rows)[:n_examples].tolist())
+
+
+def check_columns(columns: Sequence[str], wanted: Sequence[str], what: str) -> None:
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise FishmergeError(f"{what} column(s) {missing} not in the data: it has {', '.join(columns)}")
+
+
+@dataclass
+class Encoded:
+    """Tokenized selected examples, padded to one width (fixed shapes: no CPU re-planning)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    example_ids: list[int]
+    token_type_ids: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+    def batches(self, batch_size: int, device: torch.device | str = "cpu") -> Iterator[tuple[dict, list[int]]]:
+        """(model inputs on device, dataset row ids) per batch, in selection order."""
+        for s in range(0, len(self), batch_size):
+            sl = slice(s, s + batch_size)
+            batch = {"input_ids": self.input_ids[sl], "attention_mask": self.attention_mask[sl]}
+            if self.token_type_ids is not None:
+                batch["token_type_ids"] = self.token_type_ids[sl]
+            if self.labels is not None:
+                batch["labels"] = self.labels[sl]
+            yield {k: v.to(device) for k, v in batch.items()}, self.example_ids[sl]
+
+
+def _label_values(raw: list, label2id: dict | None, regression: bool) -> torch.Tensor:
+    if regression:
+        return torch.tensor([float(v) for v in raw], dtype=torch.float32)
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw):
+        return torch.tensor([int(v) for v in raw], dtype=torch.long)
+    table = {str(k): int(v) for k, v in (label2id or {}).items()}
+    unknown = sorted({str(v) for v in raw if str(v) not in table})
+    if unknown:
+        raise FishmergeError(
+            f"label value(s) {unknown[:5]} are not integers and not in the model's label2id {table}: "
+            "map labels to class ids, or save the model with a matching id2label/label2id."
+        )
+    return torch.tensor([table[str(v)] for v in raw], dtype=torch.long)
+
+
+def encode(
+    dataset,
+    indices: Sequence[int],
+    tokenizer,
+    *,
+    text_fields: Sequence[str],
+    label_field: str | None,
+    max_length: int,
+    label2id: dict | None = None,
+    regression: bool = False,
+) -> Encoded:
+    """Tokenize the selected rows (pairs when two text fields), right-padded to the longest ≤ max_length."""
+    check_columns(dataset.column_names, text_fields, "text")
+    if label_field is not None:
+        check_columns(dataset.column_names, [label_field], "label")
+    if len(text_fields) not in (1, 2):
+        raise FishmergeError(f"--text-fields takes one or two columns, got {list(text_fields)}")
+    rows = dataset.select(indices)
+    texts = [["" if t is None else str(t) for t in rows[f]] for f in text_fields]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    enc = tokenizer(*texts, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+    labels = _label_values(rows[label_field], label2id, regression) if label_field else None
+    return Encoded(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        token_type_ids=enc.get("token_type_ids"),
+        labels=labels,
+        example_ids=list(indices),
+    )
+
+
+def data_fingerprint(dataset, indices: Sequence[int], fields: Sequence[str]) -> str:
+    """Content hash of the selected rows' fields (what the Fisher was computed on)."""
+    h = hashlib.sha256()
+    rows = dataset.select(indices)
+    cols = {f: rows[f] for f in fields}
+    for i, idx in enumerate(indices):
+        h.update(json.dumps([int(idx), [str(cols[f][i]) for f in fields]]).encode())
+    return "sha256:" + h.hexdigest()
