@@ -82,7 +82,16 @@ def _cmd_fisher(args: argparse.Namespace) -> str:
         max_memory=args.max_memory,
         fallback=args.fallback,
     )
-    return run_fisher(spec, args.store, progress=not args.no_progress)
+    uri = run_fisher(spec, args.store, progress=not args.no_progress)
+    from lib.fisher_store import open_fisher_store
+
+    a = open_fisher_store(uri).attrs
+    print(
+        f"fisher: {a['estimator']} over {a['n_examples']} examples in {a['wall_time_s']:.1f}s "
+        f"({a['examples_per_s']:.1f} ex/s, {a['device']}, {a['model_dtype']})",
+        file=sys.stderr,
+    )
+    return uri
 
 
 def main(argv: list[str] | None = None) -> int:

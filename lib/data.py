@@ -38,7 +38,14 @@ def load_split(path: str | Path, split: str = "train"):
         raise FishmergeError(f"cannot read '{p}': use a save_to_disk folder or a {'/'.join(FILE_LOADERS)} file")
     if split != "train":
         raise FishmergeError(f"a single file has only the split 'train', not '{split}'")
-    return datasets.load_dataset(loader, data_files=str(p), split="train")
+    try:
+        return datasets.load_dataset(loader, data_files=str(p), split="train")
+    except ValueError as exc:
+        if "corresponds to no data" in str(exc):
+            raise FishmergeError(f"the data file '{p}' is empty: nothing to estimate a Fisher on") from exc
+        raise FishmergeError(f"cannot read '{p}' as {loader}: {exc}") from exc
+    except Exception as exc:  # pyarrow / json parse errors come in many types
+        raise FishmergeError(f"cannot read '{p}' as {loader}: {exc}") from exc
 
 
 def select_indices(n_rows: int, n_examples: int | None, seed: int) -> list[int]:

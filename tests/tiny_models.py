@@ -55,6 +55,7 @@ def _llama_cfg(**kw):
 
 BUILDERS = {
     "bert-cls": lambda: tf.BertForSequenceClassification(_bert_cfg(num_labels=3)),
+    "bert-cls2": lambda: tf.BertForSequenceClassification(_bert_cfg(num_labels=2)),
     "bert-reg": lambda: tf.BertForSequenceClassification(_bert_cfg(num_labels=1)),
     "bert-tok": lambda: tf.BertForTokenClassification(_bert_cfg(num_labels=4)),
     "roberta-cls": lambda: tf.RobertaForSequenceClassification(_roberta_cfg(num_labels=3)),
