@@ -209,8 +209,8 @@ class FisherAccumulator:
             for k, p in self._own(c):
                 (single.append(k) if uses[id(p)] == 1 else shared[id(p)].append((c, k)))
             if single:
-                for k, sq in rule.squared(c, n, single, self.max_memory).items():
-                    self.sums[self.names[id(getattr(c.module, k))]].add_(sq)
+                targets = {k: self.sums[self.names[id(getattr(c.module, k))]] for k in single}
+                rule.add_squared(c, n, single, self.max_memory, targets)
         for pid, places in shared.items():
             name = self.names[pid]
             size = _chunk_size(n, self.params[name].numel(), self.max_memory)
@@ -229,8 +229,8 @@ class FisherAccumulator:
         for c in calls:
             _fill_missing_grads(c)
             own = [k for k, _ in self._own(c)]
-            for k, g in self._rules[c.module].summed(c, n, own, self.max_memory).items():
-                ours[self.names[id(getattr(c.module, k))]].add_(g)
+            targets = {k: ours[self.names[id(getattr(c.module, k))]] for k in own}
+            self._rules[c.module].add_summed(c, n, own, self.max_memory, targets)
         true = [torch.zeros_like(ours[k]) if t is None else t.float() for k, t in zip(names, true)]
         floor = 1e-5 * float(torch.stack([t.norm() for t in true]).norm())  # grads that are 0 in exact math
         for k, t in zip(names, true):

@@ -60,29 +60,45 @@ def _as_3d(x: torch.Tensor, n: int, module_name: str) -> torch.Tensor:
 
 
 class Rule:
-    """Base class; subclasses implement `squared` and `per_example` for one module type."""
+    """Base class; subclasses implement `per_example` (and may specialise `add_squared`)."""
 
-    def squared(self, call: Call, n: int, names: Sequence[str], budget: int) -> dict[str, torch.Tensor]:
-        """Σₙ gₙ² for the named local parameters (fp32, the parameters' shapes)."""
-        return self._reduce(call, n, names, budget, lambda g: g.square().sum(0))
+    def add_squared(
+        self, call: Call, n: int, names: Sequence[str], budget: int, targets: dict[str, torch.Tensor]
+    ) -> None:
+        """targets[k] += Σₙ gₙ² for the named local parameters (fp32, in place)."""
+        self._reduce(call, n, names, budget, targets, lambda g: g.square().sum(0))
 
-    def summed(self, call: Call, n: int, names: Sequence[str], budget: int) -> dict[str, torch.Tensor]:
-        """Σₙ gₙ, the batch gradient; the engine checks it against autograd to catch uncovered uses."""
-        return self._reduce(call, n, names, budget, lambda g: g.sum(0))
+    def add_summed(
+        self, call: Call, n: int, names: Sequence[str], budget: int, targets: dict[str, torch.Tensor]
+    ) -> None:
+        """targets[k] += Σₙ gₙ, the batch gradient; the engine checks it against autograd."""
+        self._reduce(call, n, names, budget, targets, lambda g: g.sum(0))
 
-    def _reduce(self, call, n, names, budget, fn) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+    def _reduce(self, call, n, names, budget, targets, fn) -> None:
         params = dict(call.module.named_parameters(recurse=False))
         per_elems = sum(params[k].numel() for k in names)
         for sl in _slices(n, _chunk_size(n, per_elems, budget)):
             for k, g in self.per_example(call, n, sl, names).items():
-                s = fn(g)
-                out[k] = out[k] + s if k in out else s
-        return out
+                targets[k].add_(fn(g))
 
     def per_example(self, call: Call, n: int, sl: slice, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """gₙ for examples in `sl`, shape (len(sl), *param.shape), fp32."""
         raise NotImplementedError
+
+
+def _live_rows(b: torch.Tensor) -> list[tuple[int, int]]:
+    """Per example, the [first, last] token range whose output gradient is non-zero (pads give zeros)."""
+    nz = (b != 0).any(-1)  # (n, T)
+    t = nz.shape[1]
+    has = nz.any(1)
+    first = torch.argmax(nz.int(), 1)
+    last = t - torch.argmax(nz.flip(1).int(), 1)
+    return [(int(f), int(e)) if h else (0, 0) for f, e, h in zip(first.tolist(), last.tolist(), has.tolist())]
+
+
+# Per-example products are formed one example at a time on CPU (the (out, in) buffer stays in
+# cache; measured ~2x faster than a large bmm), in budgeted bmm chunks on GPU.
+PER_EXAMPLE_LOOP_DEVICES = {"cpu"}
 
 
 class LinearRule(Rule):
@@ -93,24 +109,28 @@ class LinearRule(Rule):
     def _ab(self, call: Call, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _as_3d(call.args[0], n, call.module_name), _as_3d(call.grad_out, n, call.module_name)
 
-    def squared(self, call, n, names, budget):
+    def add_squared(self, call, n, names, budget, targets):
         a, b = self._ab(call, n)
-        out: dict[str, torch.Tensor] = {}
         if "weight" in names:
+            w = targets["weight"]
             if a.shape[1] == 1:  # one token per example: (gₙ)² = (Bₙ²)ᵀ(Aₙ²), summed by one matmul
-                w = b[:, 0].square().t() @ a[:, 0].square()
-                out["weight"] = w.t() if self.transposed else w
+                b2, a2 = b[:, 0].square(), a[:, 0].square()
+                w.addmm_(a2.t(), b2) if self.transposed else w.addmm_(b2.t(), a2)
+            elif a.device.type in PER_EXAMPLE_LOOP_DEVICES:
+                buf = torch.empty_like(w)
+                for i, (lo, hi) in enumerate(_live_rows(b)):
+                    if hi > lo:
+                        torch.mm(*self._operands(a[i, lo:hi], b[i, lo:hi]), out=buf)
+                        w.addcmul_(buf, buf)
             else:
-                size = _chunk_size(n, a.shape[2] * b.shape[2], budget)
-                acc = None
-                for sl in _slices(n, size):
-                    g = self._weight_per_example(a[sl], b[sl])
-                    s = g.square_().sum(0)
-                    acc = s if acc is None else acc.add_(s)
-                out["weight"] = acc
+                for sl in _slices(n, _chunk_size(n, a.shape[2] * b.shape[2], budget)):
+                    w.add_(self._weight_per_example(a[sl], b[sl]).square_().sum(0))
         if "bias" in names:
-            out["bias"] = b.sum(1).square().sum(0)
-        return out
+            targets["bias"].add_(b.sum(1).square().sum(0))
+
+    def _operands(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left, right) of one example's weight gradient for (T, in) inputs and (T, out) output grads."""
+        return (a.t(), b) if self.transposed else (b.t(), a)
 
     def _weight_per_example(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.transposed:
@@ -165,13 +185,11 @@ class EmbeddingRule(Rule):
         sums.index_add_(0, inverse, b[keep])
         return uniq, sums
 
-    def squared(self, call, n, names, budget):
+    def add_squared(self, call, n, names, budget, targets):
         ids, b = self._ids_grads(call, n)
         m = call.module
         uniq, sums = self._row_sums(ids, b, m.padding_idx, m.num_embeddings)
-        acc = torch.zeros(m.num_embeddings, b.shape[-1], device=b.device, dtype=torch.float32)
-        acc.index_add_(0, uniq % m.num_embeddings, sums.square())
-        return {"weight": acc}
+        targets["weight"].index_add_(0, uniq % m.num_embeddings, sums.square())
 
     def per_example(self, call, n, sl, names):
         ids, b = self._ids_grads(call, n)
