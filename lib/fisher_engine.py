@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 
 from lib.errors import FishmergeError
 from lib.fisher_likelihood import ESTIMATORS, detect_head, log_likelihood_terms
-from lib.fisher_rules import Call, Rule, VmapFallbackRule, _chunk_size, _slices, rule_for
+from lib.fisher_rules import Call, LinearRule, Rule, VmapFallbackRule, _chunk_size, _slices, rule_for
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
 
@@ -202,15 +202,27 @@ class FisherAccumulator:
 
     def _accumulate(self, calls: list[Call], n: int, uses: Mapping[int, int]) -> None:
         shared: dict[int, list[tuple[Call, str]]] = defaultdict(list)
+        same_input: dict[tuple, list] = defaultdict(list)  # Linear calls reading one tensor (q/k/v)
         for c in calls:
             _fill_missing_grads(c)
             rule = self._rules[c.module]
             single = []
             for k, p in self._own(c):
-                (single.append(k) if uses[id(p)] == 1 else shared[id(p)].append((c, k)))
-            if single:
-                targets = {k: self.sums[self.names[id(getattr(c.module, k))]] for k in single}
+                if uses[id(p)] == 1:
+                    single.append(k)
+                else:
+                    shared[id(p)].append((c, k))
+            if not single:
+                continue
+            targets = {k: self.sums[self.names[id(getattr(c.module, k))]] for k in single}
+            x = c.args[0] if c.args else None
+            if isinstance(rule, LinearRule) and torch.is_tensor(x):
+                key = (rule, x.data_ptr(), tuple(x.shape), x.stride())
+                same_input[key].append((c, single, targets))
+            else:
                 rule.add_squared(c, n, single, self.max_memory, targets)
+        for (rule, *_), members in same_input.items():
+            rule.add_squared_group(members, n, self.max_memory)
         for pid, places in shared.items():
             name = self.names[pid]
             size = _chunk_size(n, self.params[name].numel(), self.max_memory)

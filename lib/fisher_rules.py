@@ -101,6 +101,30 @@ def _live_rows(b: torch.Tensor) -> list[tuple[int, int]]:
 PER_EXAMPLE_LOOP_DEVICES = {"cpu"}
 
 
+def _add_squared_products(
+    a: torch.Tensor, b: torch.Tensor, targets: list[torch.Tensor], splits: list[int], transposed: bool
+) -> None:
+    """targets[j] += Σₙ (Bₙ[:, part j]ᵀ Aₙ)², one example at a time, skipping zero-gradient rows.
+
+    The product is formed in whichever orientation has more rows (faster with MKL), into a
+    reused buffer, and squared into an fp32 accumulator by addcmul (no per-example tensor kept).
+    """
+    out_dim, in_dim = b.shape[2], a.shape[2]
+    rows_out = out_dim >= in_dim
+    acc = torch.zeros((out_dim, in_dim) if rows_out else (in_dim, out_dim), device=a.device)
+    buf = torch.empty_like(acc)
+    for i, (lo, hi) in enumerate(_live_rows(b)):
+        if hi > lo:
+            if rows_out:
+                torch.mm(b[i, lo:hi].t(), a[i, lo:hi], out=buf)
+            else:
+                torch.mm(a[i, lo:hi].t(), b[i, lo:hi], out=buf)
+            acc.addcmul_(buf, buf)
+    out_in = acc if rows_out else acc.t()
+    for target, part in zip(targets, out_in.split(splits, 0)):
+        target.add_(part.t() if transposed else part)
+
+
 class LinearRule(Rule):
     """nn.Linear: gₙ = Bₙᵀ Aₙ over tokens; bias gₙ = Σₜ Bₙₜ. 2-D inputs need no per-example tensor."""
 
@@ -110,27 +134,37 @@ class LinearRule(Rule):
         return _as_3d(call.args[0], n, call.module_name), _as_3d(call.grad_out, n, call.module_name)
 
     def add_squared(self, call, n, names, budget, targets):
-        a, b = self._ab(call, n)
-        if "weight" in names:
-            w = targets["weight"]
-            if a.shape[1] == 1:  # one token per example: (gₙ)² = (Bₙ²)ᵀ(Aₙ²), summed by one matmul
-                b2, a2 = b[:, 0].square(), a[:, 0].square()
+        self.add_squared_group([(call, names, targets)], n, budget)
+
+    def add_squared_group(
+        self, members: list[tuple[Call, Sequence[str], dict[str, torch.Tensor]]], n: int, budget: int
+    ) -> None:
+        """add_squared for calls that share one input tensor (q/k/v, gate/up): one product per example.
+
+        Concatenating their output gradients turns several small per-example matmuls into one
+        larger one, which runs faster on CPU.
+        """
+        with_weight = [(c, t) for c, names, t in members if "weight" in names]
+        for c, names, t in members:
+            if "bias" in names:
+                t["bias"].add_(_as_3d(c.grad_out, n, c.module_name).sum(1).square().sum(0))
+        if not with_weight:
+            return
+        a = _as_3d(with_weight[0][0].args[0], n, with_weight[0][0].module_name)
+        bs = [_as_3d(c.grad_out, n, c.module_name) for c, _ in with_weight]
+        targets = [t["weight"] for _, t in with_weight]
+        if a.shape[1] == 1:  # one token per example: (gₙ)² = (Bₙ²)ᵀ(Aₙ²), summed by one matmul
+            a2 = a[:, 0].square()
+            for b, w in zip(bs, targets):
+                b2 = b[:, 0].square()
                 w.addmm_(a2.t(), b2) if self.transposed else w.addmm_(b2.t(), a2)
-            elif a.device.type in PER_EXAMPLE_LOOP_DEVICES:
-                buf = torch.empty_like(w)
-                for i, (lo, hi) in enumerate(_live_rows(b)):
-                    if hi > lo:
-                        torch.mm(*self._operands(a[i, lo:hi], b[i, lo:hi]), out=buf)
-                        w.addcmul_(buf, buf)
-            else:
+        elif a.device.type in PER_EXAMPLE_LOOP_DEVICES:
+            b = bs[0] if len(bs) == 1 else torch.cat(bs, -1)
+            _add_squared_products(a, b, targets, [x.shape[2] for x in bs], self.transposed)
+        else:
+            for b, w in zip(bs, targets):
                 for sl in _slices(n, _chunk_size(n, a.shape[2] * b.shape[2], budget)):
                     w.add_(self._weight_per_example(a[sl], b[sl]).square_().sum(0))
-        if "bias" in names:
-            targets["bias"].add_(b.sum(1).square().sum(0))
-
-    def _operands(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(left, right) of one example's weight gradient for (T, in) inputs and (T, out) output grads."""
-        return (a.t(), b) if self.transposed else (b.t(), a)
 
     def _weight_per_example(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.transposed:

@@ -123,3 +123,18 @@ def test_tied_weights_are_summed_before_squaring() -> None:
     assert "lm_head.weight" not in ours and "transformer.wte.weight" in ours
     ref = naive_fisher(model, examples, "empirical", "causal_lm")
     assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("name", ["bert-cls", "gpt2-lm", "llama-lm"])
+def test_batched_bmm_path_used_on_gpu_matches_oracle(name: str, monkeypatch) -> None:
+    """The chunked-bmm path (the GPU default) checked on CPU, with chunks of 2 examples."""
+    from lib import fisher_rules
+
+    monkeypatch.setattr(fisher_rules, "PER_EXAMPLE_LOOP_DEVICES", set())
+    model = build(name)
+    estimator = "sampled"
+    examples = make_examples(model, seed=6)
+    ref = naive_fisher(model, examples, estimator, detect_head(model), seed=9)
+    budget = 2 * 4 * max(p.numel() for p in model.parameters() if p.dim() == 2)
+    ours = estimate_fisher(model, make_batches(model, examples, 4), estimator, seed=9, max_memory=budget)
+    assert_close(ours, ref)
