@@ -14,12 +14,12 @@ peak RSS above the pre-run level, sampled every 5 ms.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -67,7 +67,8 @@ def make_batch(model, n: int, t: int, device) -> tuple[dict, list[int]]:
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA max allocated, or sampled RSS growth on CPU."""
+    """Peak memory of a block above its start: CUDA max allocated, or on Linux CPU the RSS
+    high-water mark (VmHWM, reset through /proc/self/clear_refs) after malloc_trim."""
 
     def __init__(self, device):
         self.device = device
@@ -78,28 +79,31 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            import psutil
+            import ctypes
+            import gc
 
-            self.proc = psutil.Process()
-            self.base = self.peak = self.proc.memory_info().rss
-            self.stop = False
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
+            gc.collect()
+            with contextlib.suppress(OSError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _proc_status("VmRSS")
         return self
-
-    def _sample(self):
-        while not self.stop:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.bytes = torch.cuda.max_memory_allocated() - self.base
         else:
-            self.stop = True
-            self.thread.join()
-            self.bytes = max(0, self.peak - self.base)
+            self.bytes = max(0, _proc_status("VmHWM") - self.base)
+
+
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def floor_step(model, batch, ids):
