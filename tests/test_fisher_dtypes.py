@@ -17,13 +17,13 @@ def test_half_precision_model_gives_fp32_fisher_close_to_fp32_oracle(name, dtype
     model = build(name)
     half = build(name).to(dtype)
     model.load_state_dict({k: v.float() for k, v in half.state_dict().items()})  # same rounded weights
-    estimator = "sampled" if name == "llama-lm" else "exact"
+    estimator = "empirical" if name == "llama-lm" else "exact"  # sampled draws would differ at CDF edges
     examples = make_examples(model)
     ref = naive_fisher(model, examples, estimator, "causal_lm" if name == "llama-lm" else "sequence_classification")
     ours = estimate_fisher(half, make_batches(half, examples, 3), estimator)
     assert all(v.dtype == torch.float32 for v in ours.values())
     num = sum(float((ours[k].double() - ref[k].double()).norm() ** 2) for k in ref) ** 0.5
     den = sum(float(ref[k].double().norm() ** 2) for k in ref) ** 0.5
-    # Half-precision activations cost accuracy (the brief measured ~0.4% with fp32 upcasts);
-    # a wrong rule or half-precision squaring would be far off.
-    assert num / den < 0.1, num / den
+    # Half-precision activations cost accuracy (measured here: bf16 0.6-2.1 %, fp16 0.07-0.6 %);
+    # a wrong rule, or squaring in half precision, would be far off.
+    assert num / den < (0.05 if dtype == torch.bfloat16 else 0.02), num / den
