@@ -56,16 +56,33 @@ def build_parser() -> argparse.ArgumentParser:
         default="vmap",
         help="modules without a per-layer rule: vmap(grad) fallback, or reject them",
     )
-    f.add_argument("--store", required=True, help="where to write the Fisher store (a local .zarr path)")
+    f.add_argument("--store", help="explicit store location (default: <store-root>/<fisher id>.zarr)")
+    f.add_argument(
+        "--store-root",
+        default=None,
+        help="root of content-addressed stores, local or s3://bucket/prefix (default ./.fishmerge/fishers)",
+    )
+    f.add_argument("--shards", type=int, default=1, help="split the examples into K shards (resumable units)")
+    f.add_argument("--workers", type=int, default=1, help="shards computed at once in this process (threads)")
+    f.add_argument("--dask-address", help="run shard tasks on this Dask scheduler (tcp://host:8786)")
+    f.add_argument("--keep-partials", action="store_true", help="keep per-shard partial sums after the reduce")
     f.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    i = sub.add_parser("inspect", help="print a Fisher store's attributes and per-tensor statistics")
+    i.add_argument("store", help="a Fisher store (local path or s3:// URI)")
     return parser
 
 
 def _cmd_fisher(args: argparse.Namespace) -> str:
-    from lib.fisher_job import FisherSpec, run_fisher
+    from dataclasses import asdict
+
+    from lib import storage
+    from lib.fisher_job import DEFAULT_STORE_ROOT, FisherSpec, existing_store, resolve
 
     if args.batch_size <= 0 or args.max_length <= 1:
         raise FishmergeError("--batch-size must be ≥ 1 and --max-length ≥ 2")
+    if args.shards < 1 or args.workers < 1:
+        raise FishmergeError("--shards and --workers must be ≥ 1")
     spec = FisherSpec(
         model=args.model,
         data=args.data,
@@ -82,9 +99,26 @@ def _cmd_fisher(args: argparse.Namespace) -> str:
         max_memory=args.max_memory,
         fallback=args.fallback,
     )
-    uri = run_fisher(spec, args.store, progress=not args.no_progress)
+    root = args.store_root or DEFAULT_STORE_ROOT
+    storage.check_writable_root(storage.normalize(args.store).rsplit("/", 1)[0] if args.store else root)
+    # Fast path, before any flow machinery: the same spec computed before is returned at once.
+    found = existing_store(resolve(spec, args.store, root))
+    if found:
+        print(f"fisher: reusing {found} (same model, data and options)", file=sys.stderr)
+        return found
+    from flows.estimate_fisher import run_estimate_fisher
     from lib.fisher_store import open_fisher_store
 
+    uri = run_estimate_fisher(
+        asdict(spec),
+        store=args.store,
+        store_root=root,
+        shards=args.shards,
+        workers=args.workers,
+        dask_address=args.dask_address,
+        keep_partials=args.keep_partials,
+        progress=not args.no_progress,
+    )
     a = open_fisher_store(uri).attrs
     print(
         f"fisher: {a['estimator']} over {a['n_examples']} examples in {a['wall_time_s']:.1f}s "
@@ -94,13 +128,20 @@ def _cmd_fisher(args: argparse.Namespace) -> str:
     return uri
 
 
+def _cmd_inspect(args: argparse.Namespace) -> str:
+    from lib.fisher_report import inspect_text
+
+    return inspect_text(args.store)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fishmerge` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
     try:
-        result = {"fisher": _cmd_fisher}[args.command](args)
+        result = {"fisher": _cmd_fisher, "inspect": _cmd_inspect}[args.command](args)
     except FishmergeError as exc:
         print(f"fishmerge: error: {exc}", file=sys.stderr)
         return 2

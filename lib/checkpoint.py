@@ -99,22 +99,16 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto")
     """Load a local HF model with a task head and its tokenizer, refusing freshly initialised weights."""
     import transformers
 
-    safetensors_files(model_dir)
+    global LOAD_COUNT
     d = Path(model_dir)
-    try:
-        config = transformers.AutoConfig.from_pretrained(d)
-    except (OSError, ValueError) as exc:
-        raise FishmergeError(f"cannot read the model config in '{d}': {exc}") from exc
-    arch = (config.architectures or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None or not arch.endswith(HEAD_SUFFIXES):
-        raise FishmergeError(
-            f"'{d}' holds a {arch or 'model of unknown architecture'}; fishmerge needs a model with a task head "
-            f"(*{', *'.join(HEAD_SUFFIXES)}). Fine-tune and save the model with its head first."
-        )
+    arch = model_architecture(d)
+    cls = getattr(transformers, arch, None)
+    if cls is None:
+        raise FishmergeError(f"this transformers version has no class {arch} (from '{d}/config.json')")
     if dtype != "auto" and dtype not in _DTYPES:
         raise FishmergeError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
     kwargs = {"dtype": _DTYPES[dtype]} if dtype != "auto" else {"dtype": "auto"}
+    LOAD_COUNT += 1
     model, info = cls.from_pretrained(d, use_safetensors=True, output_loading_info=True, **kwargs)
     if info.get("missing_keys"):
         raise FishmergeError(
@@ -157,3 +151,60 @@ def checkpoint_names(model: nn.Module, keys: set[str] | dict) -> dict[str, str]:
             "keys. Re-save the model with save_pretrained."
         )
     return out
+
+
+LOAD_COUNT = 0  # model weight loads in this process (tests check that reuse loads nothing)
+
+
+def model_architecture(model_dir: str | Path) -> str:
+    """The head class name from config.json, without loading weights."""
+    safetensors_files(model_dir)
+    cfg = Path(model_dir) / "config.json"
+    try:
+        arch = (json.loads(cfg.read_text()).get("architectures") or [None])[0]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FishmergeError(f"cannot read the model config '{cfg}': {exc}") from exc
+    if not arch or not arch.endswith(HEAD_SUFFIXES):
+        raise FishmergeError(
+            f"'{model_dir}' holds a {arch or 'model of unknown architecture'}; fishmerge needs a model with a task "
+            f"head (*{', *'.join(HEAD_SUFFIXES)}). Fine-tune and save the model with its head first."
+        )
+    return arch
+
+
+FINGERPRINT_CACHE = ".fishmerge-fingerprint.json"
+
+
+def cached_model_fingerprint(model_dir: str | Path) -> str:
+    """model_fingerprint, cached beside the model keyed by each file's size and mtime (hash once)."""
+    d = Path(model_dir)
+    files = safetensors_files(d)
+    key = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    cache_paths = [
+        d / FINGERPRINT_CACHE,
+        _user_cache_dir() / (hashlib.sha256(str(d.resolve()).encode()).hexdigest()[:16] + ".json"),
+    ]
+    for p in cache_paths:
+        try:
+            cached = json.loads(p.read_text())
+            if cached.get("files") == key:
+                return cached["fingerprint"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            continue
+    fp = model_fingerprint(d)
+    for p in cache_paths:  # beside the model if writable, else in the user cache
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(p.name + ".tmp")
+            tmp.write_text(json.dumps({"files": key, "fingerprint": fp}))
+            tmp.replace(p)
+            break
+        except OSError:
+            continue
+    return fp
+
+
+def _user_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fishmerge" / "fingerprints"

@@ -1,23 +1,39 @@
-"""One Fisher estimation end to end: model directory + dataset → Fisher store v1."""
+"""Fisher estimation as resumable, content-addressed steps (no Prefect here: flows wire them up).
+
+resolve()        the spec → Fisher id and store location, from fingerprints only (no model load)
+existing_store() the finished store for this id, if any (reuse: computed once, used by every merge)
+compute_shard()  one shard: load the model, accumulate its examples, write its partial
+finish()         reduce the complete partials into the v1 store, drop the partials
+estimate()       all of it in one process, shards run by a caller-supplied map (threads by default)
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
-from lib.checkpoint import checkpoint_keys, checkpoint_names, load_model, model_fingerprint
+from lib import storage
+from lib.checkpoint import cached_model_fingerprint, checkpoint_keys, checkpoint_names, load_model, model_architecture
 from lib.data import data_fingerprint, encode, load_split, select_indices
 from lib.errors import FishmergeError
 from lib.fisher_engine import DEFAULT_MAX_MEMORY, FisherAccumulator
 from lib.fisher_likelihood import detect_head
-from lib.fisher_store import write_fisher_store
+from lib.fisher_reduce import CorruptPartials, reduce_partials
+from lib.fisher_shards import Shard, complete_shards, discard_shard, partials_uri, plan_shards, write_partial
+from lib.fisher_store import FORMAT_VERSION, open_fisher_store
+
+DEFAULT_STORE_ROOT = "./.fishmerge/fishers"
 
 
 @dataclass
 class FisherSpec:
-    """Everything that determines a Fisher (what `fishmerge fisher` takes)."""
+    """Everything that determines a Fisher, plus how to compute it (device, dtype, batch, memory)."""
 
     model: str
     data: str
@@ -35,66 +51,225 @@ class FisherSpec:
     fallback: str = "vmap"
 
 
-def run_fisher(spec: FisherSpec, store: str, progress: bool = True) -> str:
-    """Estimate the Fisher of `spec` and write it to `store`; return the store URI."""
+@dataclass
+class Resolved:
+    """A spec pinned to content: fingerprints, Fisher id, selected rows, store location."""
+
+    spec: FisherSpec
+    fisher_id: str
+    model_fingerprint: str
+    data_fingerprint: str
+    head: str
+    label_field: str | None
+    indices: list[int]
+    store: str
+
+    @property
+    def partials(self) -> str:
+        return partials_uri(self.store)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "spec": asdict(self.spec)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Resolved:
+        return cls(**{**d, "spec": FisherSpec(**d["spec"])})
+
+
+def fisher_id(model_fp: str, data_fp: str, spec: FisherSpec, n: int, label_field: str | None) -> str:
+    """Content address of a Fisher: what it was computed from and how, never where or on what device."""
+    key = {
+        "model": model_fp,
+        "data": data_fp,
+        "estimator": spec.estimator,
+        "n": n,
+        "seed": spec.seed,
+        "max_length": spec.max_length,
+        "text_fields": list(spec.text_fields),
+        "label_field": label_field,
+        "format_version": FORMAT_VERSION,
+    }
+    return "f" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAULT_STORE_ROOT) -> Resolved:
+    """Fingerprint the inputs and name the store, without loading model weights."""
     dataset = load_split(spec.data, spec.split)
     indices = select_indices(len(dataset), spec.examples, spec.seed)
-    model, tokenizer = load_model(spec.model, spec.device, spec.dtype)
-    head = detect_head(model)
-    regression = head == "sequence_classification" and model.config.num_labels == 1
+    head = detect_head(model_architecture(spec.model))
     label_field = spec.label_field
     needs_labels = spec.estimator == "empirical" and head != "causal_lm"
-    if label_field and label_field not in dataset.column_names and not needs_labels:
-        label_field = None  # the default 'label' is only needed for the empirical estimator
-    if head == "causal_lm":
-        label_field = None
+    if head == "causal_lm" or (label_field and label_field not in dataset.column_names and not needs_labels):
+        label_field = None  # the default 'label' is only needed by the empirical estimator
     if needs_labels and not label_field:
         raise FishmergeError("the 'empirical' estimator needs --label-field")
-    if model.config.pad_token_id is None and tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    fields = [*spec.text_fields, *([label_field] if label_field else [])]
+    from lib.data import check_columns
+
+    check_columns(dataset.column_names, fields, "text/label")
+    data_fp = data_fingerprint(dataset, indices, fields)
+    model_fp = cached_model_fingerprint(spec.model)
+    fid = fisher_id(model_fp, data_fp, spec, len(indices), label_field)
+    uri = storage.normalize(store) if store else storage.join(storage.normalize(store_root), f"{fid}.zarr")
+    return Resolved(spec, fid, model_fp, data_fp, head, label_field, indices, uri)
+
+
+def existing_store(r: Resolved) -> str | None:
+    """The finished store for this Fisher id, or None. A store of another Fisher is an error."""
+    if not storage.exists(storage.join(r.store, "zarr.json")):
+        return None
+    try:
+        attrs = dict(open_fisher_store(r.store).attrs)
+    except FishmergeError:
+        if r.store.endswith(f"{r.fisher_id}.zarr"):
+            return None  # a torn content-addressed store: recompute it
+        raise
+    if attrs.get("fisher_id") == r.fisher_id:
+        return r.store
+    if attrs.get("model_fingerprint") != r.model_fingerprint:
+        raise FishmergeError(
+            f"the store '{r.store}' holds a Fisher of another model (fingerprint {attrs.get('model_fingerprint')}, "
+            f"this model is {r.model_fingerprint}): choose another --store, or delete it to recompute"
+        )
+    raise FishmergeError(
+        f"the store '{r.store}' holds another Fisher (id {attrs.get('fisher_id')}, asked for {r.fisher_id}: "
+        "different data, estimator, N, seed or length): choose another --store, or delete it to recompute"
+    )
+
+
+def compute_shard(r: Resolved, shard: Shard, progress: bool = False) -> dict:
+    """Estimate one shard's Σₙ gₙ² and write its partial; returns a summary for logs and artifacts."""
+    spec = r.spec
+    started = time.perf_counter()
+    dataset = load_split(spec.data, spec.split)
+    model, tokenizer = load_model(spec.model, spec.device, spec.dtype)
     if getattr(model.config, "pad_token_id", None) is None:
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
+    regression = r.head == "sequence_classification" and model.config.num_labels == 1
     encoded = encode(
         dataset,
-        indices,
+        r.indices[shard.start : shard.stop],
         tokenizer,
         text_fields=spec.text_fields,
-        label_field=label_field,
+        label_field=r.label_field,
         max_length=spec.max_length,
         label2id=getattr(model.config, "label2id", None),
         regression=regression,
     )
-    keys = checkpoint_keys(spec.model)
-    names = checkpoint_names(model, keys)
+    names = checkpoint_names(model, checkpoint_keys(spec.model))
     device = next(model.parameters()).device
-    started = time.perf_counter()
+    t0 = time.perf_counter()
     with FisherAccumulator(
-        model, spec.estimator, head=head, seed=spec.seed, max_memory=spec.max_memory, fallback=spec.fallback
+        model, spec.estimator, head=r.head, seed=spec.seed, max_memory=spec.max_memory, fallback=spec.fallback
     ) as acc:
         bar = tqdm(
-            total=len(encoded), unit="ex", desc=f"fisher[{spec.estimator}]", disable=not progress, mininterval=1.0
+            total=len(encoded),
+            unit="ex",
+            desc=f"fisher[{spec.estimator}] {shard.name}",
+            disable=not progress,
+            mininterval=1.0,
         )
         for batch, ids in encoded.batches(spec.batch_size, device):
             acc.add_batch(batch, ids)
             bar.update(len(ids))
         bar.close()
-        fisher = acc.fisher()
-    wall = time.perf_counter() - started
-    tensors = {names[k]: v.numpy() for k, v in fisher.items()}
-    attrs = {
-        "estimator": spec.estimator,
+        sums = {names[k]: v.cpu().numpy() for k, v in acc.sums.items()}
+        fallback = acc.fallback_modules
+    compute_s = time.perf_counter() - t0
+    write_partial(r.partials, shard, r.fisher_id, sums, len(encoded))
+    return {
+        "shard": shard.index,
         "n_examples": len(encoded),
-        "model_fingerprint": model_fingerprint(spec.model),
-        "data_fingerprint": data_fingerprint(
-            dataset, indices, [*spec.text_fields, *([label_field] if label_field else [])]
-        ),
-        "head": head,
-        "spec": {**asdict(spec), "label_field": label_field},
-        "padded_length": int(encoded.input_ids.shape[1]),
+        "compute_s": round(compute_s, 3),
+        "wall_s": round(time.perf_counter() - started, 3),
         "device": str(device),
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "fallback_modules": acc.fallback_modules,
-        "wall_time_s": round(wall, 3),
-        "examples_per_s": round(len(encoded) / wall, 3) if wall > 0 else None,
+        "padded_length": int(encoded.input_ids.shape[1]),
+        "fallback_modules": fallback,
     }
-    return write_fisher_store(store, tensors, attrs)
+
+
+def missing_shards(r: Resolved, plan: list[Shard]) -> list[Shard]:
+    done = complete_shards(r.partials, r.fisher_id, plan)
+    return [s for s in plan if s.index not in done]
+
+
+def finish(r: Resolved, plan: list[Shard], summaries: list[dict], wall_s: float, keep_partials: bool = False) -> str:
+    """Reduce complete partials into the store; corrupt partials are discarded and reported."""
+    markers = complete_shards(r.partials, r.fisher_id, plan)
+    missing = [s.index for s in plan if s.index not in markers]
+    if missing:
+        raise FishmergeError(f"shards {missing} of {r.fisher_id} are not complete: rerun to compute them")
+    first = summaries[0] if summaries else {}
+    attrs = {
+        "fisher_id": r.fisher_id,
+        "estimator": r.spec.estimator,
+        "model_fingerprint": r.model_fingerprint,
+        "data_fingerprint": r.data_fingerprint,
+        "head": r.head,
+        "spec": {**asdict(r.spec), "label_field": r.label_field},
+        "shards": len(plan),
+        "shards_computed_last_run": sorted(s["shard"] for s in summaries),
+        "device": first.get("device"),
+        "model_dtype": first.get("model_dtype"),
+        "fallback_modules": first.get("fallback_modules", []),
+        "wall_time_s": round(wall_s, 3),
+        "examples_per_s": round(len(r.indices) / wall_s, 3) if wall_s > 0 else None,
+    }
+    try:
+        uri = reduce_partials(r.partials, plan, markers, r.store, attrs)
+    except CorruptPartials as exc:
+        for i in exc.shards:
+            discard_shard(r.partials, plan[i])
+        raise
+    except Exception:
+        done = existing_store(r)  # a concurrent run of the same spec finished first and took the partials
+        if done:
+            return done
+        raise
+    if not keep_partials:
+        storage.remove(r.partials)
+    return uri
+
+
+ShardMap = Callable[[Resolved, list[Shard]], list[dict]]
+
+
+def threaded_map(workers: int = 1, progress: bool = True) -> ShardMap:
+    """Run shards in `workers` threads of this process (each loads its own model copy)."""
+
+    def run(r: Resolved, shards: list[Shard]) -> list[dict]:
+        if workers <= 1:
+            return [compute_shard(r, s, progress) for s in shards]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(lambda s: compute_shard(r, s, False), shards))
+
+    return run
+
+
+def estimate(
+    r: Resolved,
+    shards: int = 1,
+    run_shards: ShardMap | None = None,
+    keep_partials: bool = False,
+    max_rounds: int = 3,
+) -> tuple[str, list[dict]]:
+    """Compute missing shards and reduce; corrupt partials are recomputed (up to `max_rounds`)."""
+    found = existing_store(r)
+    if found:
+        return found, []
+    run_shards = run_shards or threaded_map()
+    plan = plan_shards(len(r.indices), shards)
+    summaries: list[dict] = []
+    started = time.perf_counter()
+    for _ in range(max_rounds):
+        todo = missing_shards(r, plan)
+        if todo:
+            summaries += run_shards(r, todo)
+        try:
+            return finish(r, plan, summaries, time.perf_counter() - started, keep_partials), summaries
+        except CorruptPartials:
+            continue  # discarded: computed again in the next round
+    raise FishmergeError(f"partials of {r.fisher_id} kept failing their checksums: check the storage")

@@ -27,9 +27,9 @@ HEADS = ("sequence_classification", "causal_lm", "token_classification")
 IGNORE_INDEX = -100
 
 
-def detect_head(model: nn.Module) -> str:
-    """Which likelihood a Hugging Face model's output defines, from its class name."""
-    name = type(model).__name__
+def detect_head(model: nn.Module | str) -> str:
+    """Which likelihood a Hugging Face model (or architecture class name) defines."""
+    name = model if isinstance(model, str) else type(model).__name__
     if name.endswith("ForSequenceClassification"):
         return "sequence_classification"
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):

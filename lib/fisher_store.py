@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from lib import __version__
+from lib import __version__, storage
 from lib.errors import FishmergeError
 
 FORMAT = "fishmerge.fisher"
@@ -39,15 +39,6 @@ REQUIRED_ATTRS = (
 CHUNK_ELEMS = 4 * 2**20  # 16 MiB of float32 per chunk
 
 
-def local_path(uri: str) -> Path:
-    """The filesystem path of a local store URI (plain path or file://)."""
-    if uri.startswith("file://"):
-        return Path(uri[len("file://") :])
-    if "://" in uri:
-        raise FishmergeError(f"store URI '{uri}': only local paths are supported by this version")
-    return Path(uri)
-
-
 def chunk_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Chunks of whole trailing rows, about CHUNK_ELEMS elements each."""
     if not shape:
@@ -56,14 +47,29 @@ def chunk_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (max(1, min(shape[0], CHUNK_ELEMS // row)), *shape[1:])
 
 
-def write_fisher_store(uri: str, tensors: Mapping[str, np.ndarray], attrs: Mapping[str, object]) -> str:
-    """Write a v1 store atomically (aside, then rename) and return its URI."""
-    dest = local_path(uri).absolute()
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FishmergeError(f"cannot create the store's folder '{dest.parent}': {exc}") from exc
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+def create_fisher_array(group: zarr.Group, key: str, shape: tuple[int, ...]) -> zarr.Array:
+    """A v1 Fisher array: float32, row chunks, uncompressed."""
+    return group.create_array(name=key, shape=shape, dtype="float32", chunks=chunk_shape(shape), compressors=None)
+
+
+def begin_store(uri: str) -> tuple[str, zarr.Group]:
+    """An empty group to fill; local stores are staged in a hidden sibling and renamed on commit."""
+    uri = storage.normalize(uri)
+    if storage.is_remote(uri):
+        storage.remove(uri)  # object stores have no rename: write in place, attributes last
+        staging = uri
+    else:
+        dest = Path(uri)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FishmergeError(f"cannot create the store's folder '{dest.parent}': {exc}") from exc
+        staging = str(dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    return staging, zarr.open_group(store=storage.zarr_store(staging), mode="w", zarr_format=3)
+
+
+def commit_store(staging: str, uri: str, group: zarr.Group, attrs: Mapping[str, object]) -> str:
+    """Write the attributes (last: a store without them is not a Fisher store) and move into place."""
     full = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -74,22 +80,31 @@ def write_fisher_store(uri: str, tensors: Mapping[str, np.ndarray], attrs: Mappi
     missing = [k for k in REQUIRED_ATTRS if k not in full]
     if missing:
         raise FishmergeError(f"Fisher store attributes {missing} are required by format v1")
+    group.attrs.update(full)
+    uri = storage.normalize(uri)
+    if not storage.is_remote(uri):
+        _replace_dir(Path(staging), Path(uri))
+    return uri
+
+
+def abort_store(staging: str) -> None:
+    """Remove what a failed write left (the staging folder, or the partial remote store)."""
+    storage.remove(staging)
+
+
+def write_fisher_store(uri: str, tensors: Mapping[str, np.ndarray], attrs: Mapping[str, object]) -> str:
+    """Write a v1 store atomically (aside, then rename) from in-memory arrays; return its URI."""
+    staging, group = begin_store(uri)
     try:
-        group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
         for key, value in tensors.items():
             arr = np.asarray(value, dtype=np.float32)
             if not np.isfinite(arr).all():
                 raise FishmergeError(f"the Fisher of '{key}' holds NaN/Inf: refusing to store it")
-            z = group.create_array(
-                name=key, shape=arr.shape, dtype="float32", chunks=chunk_shape(arr.shape), compressors=None
-            )
-            z[...] = arr
-        group.attrs.update(full)
-        _replace_dir(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest)
+            create_fisher_array(group, key, arr.shape)[...] = arr
+        return commit_store(staging, uri, group, attrs)
+    except BaseException:
+        abort_store(staging)
+        raise
 
 
 def _replace_dir(src: Path, dest: Path) -> None:
@@ -105,11 +120,11 @@ def _replace_dir(src: Path, dest: Path) -> None:
 
 def open_fisher_store(uri: str) -> zarr.Group:
     """Open a store read-only, checking it is a fishmerge Fisher of a version this code reads."""
-    path = local_path(uri)
-    if not path.exists():
+    uri = storage.normalize(uri)
+    if not storage.exists(uri):
         raise FishmergeError(f"no Fisher store at '{uri}'")
     try:
-        group = zarr.open_group(store=str(path), mode="r")
+        group = zarr.open_group(store=storage.zarr_store(uri, read_only=True), mode="r")
     except Exception as exc:  # zarr raises several types for a non-store folder
         raise FishmergeError(f"'{uri}' is not a Zarr group: {exc}") from exc
     attrs = dict(group.attrs)

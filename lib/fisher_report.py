@@ -1,0 +1,112 @@
+"""What a Fisher store holds, for people: per-tensor statistics, per-layer mass, a plot."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections import OrderedDict
+
+import numpy as np
+
+from lib import storage
+from lib.fisher_store import open_fisher_store
+
+_LAYER = re.compile(r"^(.*?\.(?:layer|layers|h|block|blocks)\.\d+)\.")
+
+
+def layer_of(key: str) -> str:
+    """Group a checkpoint key by transformer layer ('bert.encoder.layer.3'), else its top component."""
+    m = _LAYER.match(key)
+    if m:
+        return m.group(1)
+    parts = key.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+
+
+def tensor_stats(uri: str) -> list[dict]:
+    """Per tensor: shape, mean, max, fraction of zeros, share of the total Fisher mass (chunk by chunk)."""
+    group = open_fisher_store(uri)
+    rows = []
+    for name, arr in sorted(group.arrays(), key=lambda kv: kv[0]):
+        total, peak, zeros, count = 0.0, 0.0, 0, 0
+        step = arr.chunks[0] if arr.ndim else 1
+        for start in range(0, max(1, arr.shape[0] if arr.ndim else 1), step):
+            block = np.asarray(arr[start : start + step] if arr.ndim else arr[...], dtype=np.float64)
+            total += float(block.sum())
+            peak = max(peak, float(block.max(initial=0.0)))
+            zeros += int((block == 0).sum())
+            count += block.size
+        rows.append(
+            {
+                "tensor": name,
+                "shape": list(arr.shape),
+                "mass": total,
+                "mean": total / max(count, 1),
+                "max": peak,
+                "zero_fraction": zeros / max(count, 1),
+            }
+        )
+    mass = sum(r["mass"] for r in rows) or 1.0
+    for r in rows:
+        r["mass_share"] = r["mass"] / mass
+    return rows
+
+
+def layer_mass(rows: list[dict]) -> OrderedDict[str, float]:
+    """Fisher mass per layer, in checkpoint order of first appearance (numeric layer order)."""
+    out: OrderedDict[str, float] = OrderedDict()
+
+    def order(r):
+        nums = [int(x) for x in re.findall(r"\.(\d+)(?:\.|$)", layer_of(r["tensor"]))]
+        return (0 if nums else 1, nums, r["tensor"])
+
+    for r in sorted(rows, key=order):
+        out[layer_of(r["tensor"])] = out.get(layer_of(r["tensor"]), 0.0) + r["mass"]
+    return out
+
+
+def inspect_text(uri: str) -> str:
+    """The `fishmerge inspect` report: attributes, then a per-tensor table."""
+    group = open_fisher_store(uri)
+    lines = [f"Fisher store {storage.normalize(uri)}"]
+    for k, v in sorted(dict(group.attrs).items()):
+        lines.append(f"  {k}: {v}")
+    rows = tensor_stats(uri)
+    lines.append("")
+    lines.append(f"{'tensor':60s} {'shape':>16s} {'mean':>11s} {'max':>11s} {'zeros':>7s} {'mass':>7s}")
+    for r in rows:
+        lines.append(
+            f"{r['tensor'][:60]:60s} {str(tuple(r['shape'])):>16s} {r['mean']:11.4e} {r['max']:11.4e} "
+            f"{r['zero_fraction']:7.1%} {r['mass_share']:7.2%}"
+        )
+    return "\n".join(lines)
+
+
+def layer_mass_markdown(rows: list[dict]) -> str:
+    masses = layer_mass(rows)
+    total = sum(masses.values()) or 1.0
+    body = "\n".join(f"| {k} | {v:.4e} | {v / total:.1%} |" for k, v in masses.items())
+    return "| layer | Fisher mass | share |\n|---|---|---|\n" + body
+
+
+def plot_layer_mass(rows: list[dict], title: str, out_uri: str) -> str:
+    """A bar chart of per-layer Fisher mass (log scale), written as PNG to `out_uri`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    masses = layer_mass(rows)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(masses)), 4))
+    ax.bar(range(len(masses)), list(masses.values()), color="#3b7dd8")
+    ax.set_xticks(range(len(masses)), list(masses), rotation=70, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("Σ F (per layer)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    fs, path = storage.filesystem(out_uri)
+    fs.pipe_file(path, buf.getvalue())
+    return out_uri

@@ -1,0 +1,107 @@
+"""Shard partials: each shard owns its arrays, written aside, and a completion marker written last.
+
+Layout under `<store>.partials/` (local folder or object-store prefix):
+    shard-00003/attempt-<uuid>/   a Zarr group: Σₙ gₙ² per checkpoint key (float32, CRC32C per
+                                  chunk, fill value NaN so a missing chunk reads as NaN, never 0)
+    shard-00003/complete.json     {fisher_id, attempt, start, stop, n_examples} — written last
+A shard is complete iff its marker names this Fisher id and its attempt group exists. Two runs
+computing the same shard write different attempt folders and the marker is replaced atomically,
+so concurrent runs never mix chunks. A partial that fails its checksums is recomputed, never summed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from lib import storage
+from lib.fisher_store import chunk_shape
+
+MARKER = "complete.json"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A contiguous range [start, stop) of positions in the deterministic example selection."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}"
+
+
+def plan_shards(n_examples: int, k: int) -> list[Shard]:
+    """K contiguous, balanced shards (fewer if there are fewer examples)."""
+    k = max(1, min(int(k), n_examples))
+    bounds = [round(i * n_examples / k) for i in range(k + 1)]
+    return [Shard(i, bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+def partials_uri(store_uri: str) -> str:
+    return storage.normalize(store_uri) + ".partials"
+
+
+def write_partial(partials: str, shard: Shard, fisher_id: str, sums: Mapping[str, np.ndarray], n_examples: int) -> str:
+    """Write a shard's sums into a fresh attempt group, then its marker; return the attempt name."""
+    attempt = f"attempt-{uuid.uuid4().hex[:12]}"
+    uri = storage.join(partials, shard.name, attempt)
+    group = zarr.open_group(store=storage.zarr_store(uri), mode="w", zarr_format=3)
+    for key, value in sums.items():
+        arr = np.asarray(value, dtype=np.float32)
+        z = group.create_array(
+            name=key,
+            shape=arr.shape,
+            dtype="float32",
+            chunks=chunk_shape(arr.shape),
+            compressors=[Crc32cCodec()],
+            fill_value=float("nan"),
+        )
+        z[...] = arr
+    group.attrs.update({"fisher_id": fisher_id, "n_examples": n_examples})
+    marker = {
+        "fisher_id": fisher_id,
+        "attempt": attempt,
+        "start": shard.start,
+        "stop": shard.stop,
+        "n_examples": n_examples,
+    }
+    storage.write_json(storage.join(partials, shard.name, MARKER), marker)
+    return attempt
+
+
+def complete_shards(partials: str, fisher_id: str, plan: list[Shard]) -> dict[int, dict]:
+    """Shard index -> marker, for shards of this plan whose marker and attempt group exist."""
+    done = {}
+    for shard in plan:
+        marker = storage.read_json(storage.join(partials, shard.name, MARKER))
+        if not marker or marker.get("fisher_id") != fisher_id:
+            continue
+        if (marker.get("start"), marker.get("stop")) != (shard.start, shard.stop):
+            continue  # planned with another K: its range does not fit this plan
+        if storage.exists(storage.join(partials, shard.name, marker["attempt"], "zarr.json")):
+            done[shard.index] = marker
+    return done
+
+
+def open_partial(partials: str, shard: Shard, marker: dict) -> zarr.Group:
+    uri = storage.join(partials, shard.name, marker["attempt"])
+    return zarr.open_group(store=storage.zarr_store(uri, read_only=True), mode="r")
+
+
+def discard_shard(partials: str, shard: Shard) -> None:
+    """Forget a shard (corrupt partial): remove its marker and attempts so it is recomputed."""
+    storage.remove(storage.join(partials, shard.name))
+
+
+def stale_attempts(partials: str, shard: Shard, marker: dict | None) -> list[str]:
+    """Attempt folders of a shard not named by its marker (crashed or superseded writers)."""
+    keep = marker.get("attempt") if marker else None
+    return [a for a in storage.listdir(storage.join(partials, shard.name)) if a.startswith("attempt-") and a != keep]
