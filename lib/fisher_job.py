@@ -198,6 +198,10 @@ def missing_shards(r: Resolved, plan: list[Shard]) -> list[Shard]:
 
 def finish(r: Resolved, plan: list[Shard], summaries: list[dict], wall_s: float, keep_partials: bool = False) -> str:
     """Reduce complete partials into the store; corrupt partials are discarded and reported."""
+    done = existing_store(r)  # a concurrent run of the same spec may have finished first
+    if done:
+        _drop_partials(r, keep_partials)
+        return done
     markers = complete_shards(r.partials, r.fisher_id, plan)
     missing = [s.index for s in plan if s.index not in markers]
     if missing:
@@ -229,9 +233,18 @@ def finish(r: Resolved, plan: list[Shard], summaries: list[dict], wall_s: float,
         if done:
             return done
         raise
-    if not keep_partials:
-        storage.remove(r.partials)
+    _drop_partials(r, keep_partials)
     return uri
+
+
+def _drop_partials(r: Resolved, keep: bool) -> None:
+    """Best effort: a concurrent run may be removing or writing them at the same moment."""
+    if keep:
+        return
+    try:
+        storage.remove(r.partials)
+    except OSError:
+        pass
 
 
 ShardMap = Callable[[Resolved, list[Shard]], list[dict]]
