@@ -60,6 +60,7 @@ def zarr_store(uri: str, read_only: bool = False):
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
+    fs.invalidate_cache(path)  # object-store listings are cached; another process may have written
     return fs.exists(path)
 
 
@@ -105,6 +106,7 @@ def remove(uri: str) -> None:
 def listdir(uri: str) -> list[str]:
     """Names directly below a folder URI (empty when it does not exist)."""
     fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
     try:
         return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
     except FileNotFoundError:
