@@ -109,6 +109,7 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto")
         raise FishmergeError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
     kwargs = {"dtype": _DTYPES[dtype]} if dtype != "auto" else {"dtype": "auto"}
     LOAD_COUNT += 1
+    transformers.utils.logging.disable_progress_bar()  # one bar per shard is noise; fishmerge shows its own
     model, info = cls.from_pretrained(d, use_safetensors=True, output_loading_info=True, **kwargs)
     if info.get("missing_keys"):
         raise FishmergeError(

@@ -162,7 +162,13 @@ def compute_shard(r: Resolved, shard: Shard, progress: bool = False) -> dict:
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     with FisherAccumulator(
-        model, spec.estimator, head=r.head, seed=spec.seed, max_memory=spec.max_memory, fallback=spec.fallback
+        model,
+        spec.estimator,
+        head=r.head,
+        seed=spec.seed,
+        max_memory=spec.max_memory,
+        fallback=spec.fallback,
+        verify=shard.index == 0,  # the model-structure check needs one batch per Fisher, not per shard
     ) as acc:
         bar = tqdm(
             total=len(encoded),
