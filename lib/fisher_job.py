@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -142,7 +143,7 @@ def compute_shard(r: Resolved, shard: Shard, progress: bool = False) -> dict:
     spec = r.spec
     started = time.perf_counter()
     dataset = load_split(spec.data, spec.split)
-    model, tokenizer = load_model(spec.model, spec.device, spec.dtype)
+    model, tokenizer = _cached_model(spec, r.model_fingerprint)
     if getattr(model.config, "pad_token_id", None) is None:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -195,6 +196,19 @@ def compute_shard(r: Resolved, shard: Shard, progress: bool = False) -> dict:
         "padded_length": int(encoded.input_ids.shape[1]),
         "fallback_modules": fallback,
     }
+
+
+_loaded = threading.local()
+
+
+def _cached_model(spec: FisherSpec, fingerprint: str):
+    """The model of the previous shard computed by this thread, if it is the same one (saves a load)."""
+    key = (spec.model, fingerprint, spec.device, spec.dtype)
+    if getattr(_loaded, "key", None) != key:
+        _loaded.key, _loaded.value = None, None  # free the old copy before loading the new one
+        _loaded.value = load_model(spec.model, spec.device, spec.dtype)
+        _loaded.key = key
+    return _loaded.value
 
 
 def missing_shards(r: Resolved, plan: list[Shard]) -> list[Shard]:

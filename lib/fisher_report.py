@@ -53,12 +53,13 @@ def tensor_stats(uri: str) -> list[dict]:
 
 
 def layer_mass(rows: list[dict]) -> OrderedDict[str, float]:
-    """Fisher mass per layer, in checkpoint order of first appearance (numeric layer order)."""
+    """Fisher mass per layer, in network order (embeddings, layers by number, then heads)."""
     out: OrderedDict[str, float] = OrderedDict()
 
-    def order(r):
-        nums = [int(x) for x in re.findall(r"\.(\d+)(?:\.|$)", layer_of(r["tensor"]))]
-        return (0 if nums else 1, nums, r["tensor"])
+    def order(r):  # network order: embeddings, numbered layers, then the rest (final norm, pooler, head)
+        layer = layer_of(r["tensor"])
+        nums = [int(x) for x in re.findall(r"\.(\d+)(?:\.|$)", layer)]
+        return (1 if nums else 0 if ("embed" in layer or "wte" in layer or "wpe" in layer) else 2, nums, r["tensor"])
 
     for r in sorted(rows, key=order):
         out[layer_of(r["tensor"])] = out.get(layer_of(r["tensor"]), 0.0) + r["mass"]

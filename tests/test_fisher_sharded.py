@@ -59,6 +59,14 @@ def test_sharded_equals_single_process(setup, tmp_path, k) -> None:
     assert sorted(g.attrs["shards_computed_last_run"]) == list(range(k))
     assert not Path(partials_uri(uri)).exists(), "partials are removed after the reduce"
     assert Path(uri[: -len(".zarr")] + ".layer-mass.png").stat().st_size > 1000
+    if k == 3:  # the markdown artifact is on the Prefect server
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        key = f"fisher-{g.attrs['fisher_id']}"
+        with get_client(sync_client=True) as client:
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        assert arts and "Per-layer Fisher mass" in arts[0].data and "examples/s" in arts[0].data
 
 
 def test_second_request_reuses_without_loading_the_model(setup, tmp_path, capsys) -> None:

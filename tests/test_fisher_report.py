@@ -1,0 +1,24 @@
+"""Per-layer grouping and ordering used by the artifact, the plot and `fishmerge inspect`."""
+
+from lib.fisher_report import layer_mass, layer_of
+
+
+def test_layer_of_groups_by_transformer_layer() -> None:
+    assert layer_of("bert.encoder.layer.3.attention.self.query.weight") == "bert.encoder.layer.3"
+    assert layer_of("model.layers.11.mlp.up_proj.weight") == "model.layers.11"
+    assert layer_of("transformer.h.0.attn.c_attn.weight") == "transformer.h.0"
+    assert layer_of("bert.embeddings.word_embeddings.weight") == "bert.embeddings"
+    assert layer_of("classifier.weight") == "classifier"
+
+
+def test_layer_mass_sums_and_orders_like_the_network() -> None:
+    rows = [
+        {"tensor": "classifier.weight", "mass": 1.0},
+        {"tensor": "bert.encoder.layer.10.output.dense.weight", "mass": 2.0},
+        {"tensor": "bert.encoder.layer.2.output.dense.weight", "mass": 3.0},
+        {"tensor": "bert.encoder.layer.2.output.dense.bias", "mass": 0.5},
+        {"tensor": "bert.embeddings.word_embeddings.weight", "mass": 4.0},
+    ]
+    masses = layer_mass(rows)
+    assert list(masses) == ["bert.embeddings", "bert.encoder.layer.2", "bert.encoder.layer.10", "classifier"]
+    assert masses["bert.encoder.layer.2"] == 3.5
