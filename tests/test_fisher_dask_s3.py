@@ -17,7 +17,7 @@ from lib import checkpoint, storage
 from lib.fisher_job import compute_shard, resolve
 from lib.fisher_shards import plan_shards
 from lib.fisher_store import open_fisher_store, read_fisher
-from tests.test_fisher_sharded import rel_err, setup  # noqa: F401  (module fixture reused)
+from tests.test_fisher_sharded import fisher_args, rel_err, setup  # noqa: F401  (module fixture reused)
 
 
 def test_flow_on_a_local_dask_cluster_with_two_worker_processes(setup, tmp_path) -> None:  # noqa: F811
@@ -97,18 +97,7 @@ def test_flow_on_s3_write_resume_reduce_reuse(setup, s3_endpoint, capsys) -> Non
 
 
 def test_unreachable_s3_root_is_a_clear_error(setup, s3_endpoint, capsys) -> None:  # noqa: F811
-    code = main(
-        [
-            "fisher",
-            "--no-progress",
-            "--model",
-            str(setup["model"]),
-            "--data",
-            str(setup["data"]),
-            "--store-root",
-            "s3://no-such-bucket-here/fishers",
-        ]
-    )
+    code = main(fisher_args(setup, "--store-root", "s3://no-such-bucket-here/fishers"))
     assert code == 2
     err = capsys.readouterr().err
     assert "unreachable or not writable" in err and "Traceback" not in err

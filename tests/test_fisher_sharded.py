@@ -42,6 +42,11 @@ def setup(tmp_path_factory):
     return {"root": root, "spec": spec, "single": read_fisher(str(single)), "model": model, "data": data}
 
 
+def fisher_args(setup: dict, *extra: str) -> list[str]:
+    """`fishmerge fisher` arguments for the module's model and data."""
+    return ["fisher", "--no-progress", "--model", str(setup["model"]), "--data", str(setup["data"]), *extra]
+
+
 def rel_err(a: dict, b: dict) -> float:
     num = sum(float(np.linalg.norm(a[k].astype(np.float64) - b[k])) ** 2 for k in b) ** 0.5
     return num / sum(float(np.linalg.norm(b[k].astype(np.float64))) ** 2 for k in b) ** 0.5
@@ -70,18 +75,7 @@ def test_sharded_equals_single_process(setup, tmp_path, k) -> None:
 
 
 def test_second_request_reuses_without_loading_the_model(setup, tmp_path, capsys) -> None:
-    args = [
-        "fisher",
-        "--no-progress",
-        "--model",
-        str(setup["model"]),
-        "--data",
-        str(setup["data"]),
-        "--examples",
-        "9",
-        "--store-root",
-        str(tmp_path),
-    ]
+    args = fisher_args(setup, "--examples", "9", "--store-root", str(tmp_path))
     assert main(args) == 0
     first = capsys.readouterr().out.strip().splitlines()[-1]
     loads = checkpoint.LOAD_COUNT
@@ -193,18 +187,7 @@ def test_store_of_another_model_or_version_is_a_clear_error(setup, tmp_path, cap
 def test_unreachable_store_root(setup, tmp_path, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code = main(
-        [
-            "fisher",
-            "--no-progress",
-            "--model",
-            str(setup["model"]),
-            "--data",
-            str(setup["data"]),
-            "--store-root",
-            str(blocker / "below"),
-        ]
-    )
+    code = main(fisher_args(setup, "--store-root", str(blocker / "below")))
     assert code == 2
     assert "unreachable or not writable" in capsys.readouterr().err
 
