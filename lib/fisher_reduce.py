@@ -46,9 +46,10 @@ def plan_blocks(shapes: dict[str, tuple[int, ...]]) -> list[list[tuple[str, int,
     return blocks
 
 
-def _reduce_block(block, sources: dict[int, object], dst, n_total: int) -> list[int]:
-    """Sum one block over shards into `dst`; return the shards whose data was unreadable or NaN."""
-    bad = []
+def _reduce_block(block, sources: dict[int, object], dst, n_total: int) -> tuple[list[int], list[tuple]]:
+    """Sum one block over shards into `dst`; return (shards whose data was unreadable or NaN,
+    per-range statistics (key, mass, max, zeros, count) for the store's `tensor_stats`)."""
+    bad, stats = [], []
     for key, start, stop in block:
         acc = None
         for index, group in sources.items():
@@ -63,13 +64,16 @@ def _reduce_block(block, sources: dict[int, object], dst, n_total: int) -> list[
                 continue
             acc = part.copy() if acc is None else np.add(acc, part, out=acc)
         if bad:
-            return sorted(set(bad))
+            return sorted(set(bad)), []
         out = acc / np.float32(n_total)
         if dst[key].ndim:
             dst[key][start:stop] = out
         else:
             dst[key][...] = out
-    return []
+        stats.append(
+            (key, float(out.sum(dtype=np.float64)), float(out.max(initial=0.0)), int((out == 0).sum()), int(out.size))
+        )
+    return [], stats
 
 
 def reduce_partials(
@@ -84,10 +88,17 @@ def reduce_partials(
     try:
         dst = {key: create_fisher_array(out, key, shape) for key, shape in shapes.items()}
         tasks = [dask.delayed(_reduce_block)(b, sources, dst, n_total) for b in plan_blocks(shapes)]
-        bad = sorted({i for found in dask.compute(*tasks, scheduler="threads", num_workers=num_workers) for i in found})
+        results = dask.compute(*tasks, scheduler="threads", num_workers=num_workers)
+        bad = sorted({i for found, _ in results for i in found})
         if bad:
             raise CorruptPartials(bad)
-        return commit_store(staging, store_uri, out, {**attrs, "n_examples": n_total})
+        totals: dict[str, list] = {k: [0.0, 0.0, 0, 0] for k in shapes}
+        for _, stats in results:
+            for key, mass, peak, zeros, count in stats:
+                t = totals[key]
+                t[0], t[1], t[2], t[3] = t[0] + mass, max(t[1], peak), t[2] + zeros, t[3] + count
+        summary = {k: {"mass": t[0], "max": t[1], "zero_fraction": t[2] / max(t[3], 1)} for k, t in totals.items()}
+        return commit_store(staging, store_uri, out, {**attrs, "n_examples": n_total, "tensor_stats": summary})
     except BaseException:
         abort_store(staging)
         raise

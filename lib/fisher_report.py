@@ -27,7 +27,22 @@ def tensor_stats(uri: str) -> list[dict]:
     """Per tensor: shape, mean, max, fraction of zeros, share of the total Fisher mass (chunk by chunk)."""
     group = open_fisher_store(uri)
     rows = []
-    for name, arr in sorted(group.arrays(), key=lambda kv: kv[0]):
+    cached = group.attrs.get("tensor_stats")  # written by the reduce; saves reading the store again
+    if cached:
+        for name, arr in sorted(group.arrays(), key=lambda kv: kv[0]):
+            c = cached[name]
+            count = max(1, int(np.prod(arr.shape)))
+            rows.append(
+                {
+                    "tensor": name,
+                    "shape": list(arr.shape),
+                    "mass": c["mass"],
+                    "mean": c["mass"] / count,
+                    "max": c["max"],
+                    "zero_fraction": c["zero_fraction"],
+                }
+            )
+    for name, arr in [] if cached else sorted(group.arrays(), key=lambda kv: kv[0]):
         total, peak, zeros, count = 0.0, 0.0, 0, 0
         step = arr.chunks[0] if arr.ndim else 1
         for start in range(0, max(1, arr.shape[0] if arr.ndim else 1), step):
@@ -71,7 +86,8 @@ def inspect_text(uri: str) -> str:
     group = open_fisher_store(uri)
     lines = [f"Fisher store {storage.normalize(uri)}"]
     for k, v in sorted(dict(group.attrs).items()):
-        lines.append(f"  {k}: {v}")
+        if k != "tensor_stats":  # shown as the table below
+            lines.append(f"  {k}: {v}")
     rows = tensor_stats(uri)
     lines.append("")
     lines.append(f"{'tensor':60s} {'shape':>16s} {'mean':>11s} {'max':>11s} {'zeros':>7s} {'mass':>7s}")

@@ -199,3 +199,16 @@ def test_inspect_prints_attributes_and_statistics(setup, tmp_path, capsys) -> No
     assert "estimator: exact" in out and "n_examples: 37" in out
     assert "classifier.weight" in out and "zeros" in out and "mass" in out
     assert "%" in out
+
+
+def test_reduce_statistics_match_numpy(setup, tmp_path) -> None:
+    """The per-tensor statistics the reduce stores (used by reports and inspect) against numpy."""
+    uri = run_estimate_fisher(asdict(setup["spec"]), store_root=str(tmp_path), shards=3)
+    stats = zarr.open_group(uri, mode="r").attrs["tensor_stats"]
+    fisher = read_fisher(uri)
+    assert set(stats) == set(fisher)
+    for k, v in fisher.items():
+        v64 = v.astype(np.float64)
+        assert stats[k]["mass"] == pytest.approx(v64.sum(), rel=1e-6, abs=1e-30)
+        assert stats[k]["max"] == pytest.approx(float(v.max()), rel=1e-7, abs=1e-30)
+        assert stats[k]["zero_fraction"] == pytest.approx(float((v == 0).mean()))
