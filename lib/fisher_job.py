@@ -4,7 +4,7 @@ resolve()        the spec → Fisher id and store location, from fingerprints on
 existing_store() the finished store for this id, if any (reuse: computed once, used by every merge)
 compute_shard()  one shard: load the model, accumulate its examples, write its partial
 finish()         reduce the complete partials into the v1 store, drop the partials
-estimate()       all of it in one process, shards run by a caller-supplied map (threads by default)
+The flow `flows/estimate_fisher.py` runs them; a library user can call them in a loop.
 """
 
 from __future__ import annotations
@@ -13,20 +13,18 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
 from lib import storage
 from lib.checkpoint import cached_model_fingerprint, checkpoint_keys, checkpoint_names, load_model, model_architecture
-from lib.data import data_fingerprint, encode, load_split, select_indices
+from lib.data import check_columns, data_fingerprint, encode, load_split, select_indices
 from lib.errors import FishmergeError
 from lib.fisher_engine import DEFAULT_MAX_MEMORY, FisherAccumulator
 from lib.fisher_likelihood import detect_head
 from lib.fisher_reduce import CorruptPartials, reduce_partials
-from lib.fisher_shards import Shard, complete_shards, discard_shard, partials_uri, plan_shards, write_partial
+from lib.fisher_shards import Shard, complete_shards, discard_shard, partials_uri, write_partial
 from lib.fisher_store import FORMAT_VERSION, open_fisher_store
 
 DEFAULT_STORE_ROOT = "./.fishmerge/fishers"
@@ -105,8 +103,6 @@ def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAUL
     if needs_labels and not label_field:
         raise FishmergeError("the 'empirical' estimator needs --label-field")
     fields = [*spec.text_fields, *([label_field] if label_field else [])]
-    from lib.data import check_columns
-
     check_columns(dataset.column_names, fields, "text/label")
     data_fp = data_fingerprint(dataset, indices, fields)
     model_fp = cached_model_fingerprint(spec.model)
@@ -265,44 +261,3 @@ def _drop_partials(r: Resolved, keep: bool) -> None:
         storage.remove(r.partials)
     except OSError:
         pass
-
-
-ShardMap = Callable[[Resolved, list[Shard]], list[dict]]
-
-
-def threaded_map(workers: int = 1, progress: bool = True) -> ShardMap:
-    """Run shards in `workers` threads of this process (each loads its own model copy)."""
-
-    def run(r: Resolved, shards: list[Shard]) -> list[dict]:
-        if workers <= 1:
-            return [compute_shard(r, s, progress) for s in shards]
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(lambda s: compute_shard(r, s, False), shards))
-
-    return run
-
-
-def estimate(
-    r: Resolved,
-    shards: int = 1,
-    run_shards: ShardMap | None = None,
-    keep_partials: bool = False,
-    max_rounds: int = 3,
-) -> tuple[str, list[dict]]:
-    """Compute missing shards and reduce; corrupt partials are recomputed (up to `max_rounds`)."""
-    found = existing_store(r)
-    if found:
-        return found, []
-    run_shards = run_shards or threaded_map()
-    plan = plan_shards(len(r.indices), shards)
-    summaries: list[dict] = []
-    started = time.perf_counter()
-    for _ in range(max_rounds):
-        todo = missing_shards(r, plan)
-        if todo:
-            summaries += run_shards(r, todo)
-        try:
-            return finish(r, plan, summaries, time.perf_counter() - started, keep_partials), summaries
-        except CorruptPartials:
-            continue  # discarded: computed again in the next round
-    raise FishmergeError(f"partials of {r.fisher_id} kept failing their checksums: check the storage")

@@ -99,9 +99,3 @@ def open_partial(partials: str, shard: Shard, marker: dict) -> zarr.Group:
 def discard_shard(partials: str, shard: Shard) -> None:
     """Forget a shard (corrupt partial): remove its marker and attempts so it is recomputed."""
     storage.remove(storage.join(partials, shard.name))
-
-
-def stale_attempts(partials: str, shard: Shard, marker: dict | None) -> list[str]:
-    """Attempt folders of a shard not named by its marker (crashed or superseded writers)."""
-    keep = marker.get("attempt") if marker else None
-    return [a for a in storage.listdir(storage.join(partials, shard.name)) if a.startswith("attempt-") and a != keep]
