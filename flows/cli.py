@@ -106,6 +106,12 @@ def _cmd_fisher(args: argparse.Namespace) -> str:
     if found:
         print(f"fisher: reusing {found} (same model, data and options)", file=sys.stderr)
         return found
+    if args.dask_address and not os.environ.get("PREFECT_API_URL"):
+        print(
+            "fisher: warning: PREFECT_API_URL is not set; each Dask worker would start a Prefect server of its "
+            "own (slow). Start a server (`prefect server start`) and set PREFECT_API_URL here and on the workers.",
+            file=sys.stderr,
+        )
     from flows.estimate_fisher import run_estimate_fisher
     from lib.fisher_store import open_fisher_store
 
