@@ -1,0 +1,170 @@
+"""Merge methods: a registry of small classes, each merging one chunk of one tensor in fp32.
+
+Every method sees the same chunk of a tensor from each model (`thetas`), its λ weights, and
+whatever it declares it needs (Fishers, the base model's chunk, per-tensor context computed
+before chunking). The out-of-core executor (issue 4) streams chunks through `merge`; tests
+check each formula against an independent numpy reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lib.errors import FishmergeError
+
+
+@dataclass
+class MergeOptions:
+    """Method options (the config's `fisher:` block and method parameters)."""
+
+    floor: float = 1e-6
+    favor_target: bool = True
+    normalize: bool = False  # measured (brief): normalize=true hurt the 3-task MiniLM merge; λ search covers it
+    scale: float = 1.0  # task_arithmetic / ties: base + scale · merged task vector
+    density: float = 0.2  # ties: fraction of each task vector's entries kept
+    fisher_norms: Sequence[float] | None = None  # normalize: one global ‖F_i‖₂ per model
+    extra: dict = field(default_factory=dict)
+
+
+class MergeMethod:
+    """One merge formula. Subclasses set `name`, `needs_base`, `needs_fisher` and implement `merge`."""
+
+    name = ""
+    needs_base = False
+    needs_fisher = False
+    normalizes_weights = False  # λ normalised to sum 1 (fisher, isotropic)
+
+    def check_weights(self, weights: Sequence[float]) -> np.ndarray:
+        w = np.asarray(weights, dtype=np.float64)
+        if (w < 0).any() or not np.isfinite(w).all():
+            raise FishmergeError(f"merge weights must be finite and ≥ 0, got {list(weights)}")
+        if w.sum() <= 0:
+            raise FishmergeError(f"merge weights sum to {w.sum()}: give at least one model a positive weight")
+        return w / w.sum() if self.normalizes_weights else w
+
+    def merge(
+        self,
+        thetas: Sequence[np.ndarray],
+        weights: np.ndarray,
+        *,
+        target: int = 0,
+        fishers: Sequence[np.ndarray] | None = None,
+        base: np.ndarray | None = None,
+        options: MergeOptions | None = None,
+        context: dict | None = None,
+    ) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Isotropic(MergeMethod):
+    """θ* = Σ λᵢ θᵢ (λ normalised)."""
+
+    name = "isotropic"
+    normalizes_weights = True
+
+    def merge(self, thetas, weights, **_):
+        out = np.zeros(thetas[0].shape, dtype=np.float32)
+        for w, t in zip(weights, thetas):
+            out += np.float32(w) * t.astype(np.float32, copy=False)
+        return out
+
+
+class Fisher(MergeMethod):
+    """θ* = Σ λᵢ F̃ᵢ θᵢ / Σ λᵢ F̃ᵢ, as in the paper's code.
+
+    F̃ᵢ = max(Fᵢ, floor) for every model, or only for the target with `favor_target` (so a
+    parameter with zero Fisher everywhere keeps the target's value); with `normalize`,
+    λᵢ ← λᵢ / ‖Fᵢ‖₂ using one global norm per model.
+    """
+
+    name = "fisher"
+    needs_fisher = True
+    normalizes_weights = True
+
+    def merge(self, thetas, weights, *, target=0, fishers=None, options=None, **_):
+        opt = options or MergeOptions()
+        lam = np.asarray(weights, dtype=np.float64)
+        if opt.normalize:
+            if opt.fisher_norms is None:
+                raise FishmergeError("normalize needs the global Fisher norm of every model")
+            lam = lam / np.asarray(opt.fisher_norms, dtype=np.float64)
+        # Written as θ_target + Σ λᵢF̃ᵢ(θᵢ − θ_target) / Σ λᵢF̃ᵢ (the same quantity): where only the
+        # target has Fisher mass the result is the target's value exactly, not up to rounding.
+        anchor = thetas[target].astype(np.float32, copy=False)
+        num = np.zeros(anchor.shape, dtype=np.float32)
+        den = np.zeros(anchor.shape, dtype=np.float32)
+        for i, (w, t, f) in enumerate(zip(lam, thetas, fishers)):
+            f = f.astype(np.float32, copy=False)
+            if not opt.favor_target or i == target:
+                f = np.maximum(f, np.float32(opt.floor))
+            wf = np.float32(w) * f
+            num += wf * (t.astype(np.float32, copy=False) - anchor)
+            den += wf
+        return anchor + num / den
+
+
+class TaskArithmetic(MergeMethod):
+    """θ* = base + scale · Σ λᵢ (θᵢ − base) (λ as given)."""
+
+    name = "task_arithmetic"
+    needs_base = True
+
+    def merge(self, thetas, weights, *, base=None, options=None, **_):
+        opt = options or MergeOptions()
+        b = base.astype(np.float32, copy=False)
+        delta = np.zeros(b.shape, dtype=np.float32)
+        for w, t in zip(weights, thetas):
+            delta += np.float32(w) * (t.astype(np.float32, copy=False) - b)
+        return b + np.float32(opt.scale) * delta
+
+
+def ties_thresholds(task_vectors: Sequence[np.ndarray], density: float) -> list[float]:
+    """Per model, the magnitude above which a task-vector entry of this tensor survives trimming."""
+    out = []
+    for tv in task_vectors:
+        mag = np.abs(tv.astype(np.float32, copy=False)).ravel()
+        k = int(np.ceil(density * mag.size))
+        out.append(float(np.partition(mag, mag.size - k)[mag.size - k]) if k > 0 else float("inf"))
+    return out
+
+
+class Ties(MergeMethod):
+    """TIES: trim each task vector to its top `density` magnitudes (per tensor), elect the sign of
+    the λ-weighted sum, average the λ-weighted entries that agree with it (disjoint mean)."""
+
+    name = "ties"
+    needs_base = True
+
+    def merge(self, thetas, weights, *, base=None, options=None, context=None, **_):
+        opt = options or MergeOptions()
+        b = base.astype(np.float32, copy=False)
+        thresholds = (context or {}).get("ties_thresholds")
+        if thresholds is None:
+            raise FishmergeError("ties needs per-tensor thresholds (lib.merge_methods.ties_thresholds)")
+        trimmed = []
+        for t, thr in zip(thetas, thresholds):
+            tv = t.astype(np.float32, copy=False) - b
+            trimmed.append(np.where(np.abs(tv) >= thr, tv, np.float32(0)))
+        weighted = [np.float32(w) * tv for w, tv in zip(weights, trimmed)]
+        sign = np.sign(np.sum(weighted, axis=0))
+        num = np.zeros(b.shape, dtype=np.float32)
+        den = np.zeros(b.shape, dtype=np.float32)
+        for w, wtv in zip(weights, weighted):
+            agree = (np.sign(wtv) == sign) & (wtv != 0)
+            num += np.where(agree, wtv, np.float32(0))
+            den += np.where(agree, np.float32(w), np.float32(0))
+        merged = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+        return b + np.float32(opt.scale) * merged
+
+
+METHODS: dict[str, MergeMethod] = {m.name: m for m in (Isotropic(), Fisher(), TaskArithmetic(), Ties())}
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called `name`, or an error listing the valid names."""
+    if name not in METHODS:
+        raise FishmergeError(f"unknown merge method '{name}': choose one of {', '.join(METHODS)}")
+    return METHODS[name]
