@@ -109,8 +109,7 @@ def main() -> None:
         for rep in range(args.repeats):  # alternate, keep the best of each: this VM's speed drifts
             singles.append(single_process(spec, str(tmp / f"single{rep}.zarr")))
             t0 = time.perf_counter()
-            uri = run_estimate_fisher(asdict(spec), store_root=str(tmp / f"flow{rep}"), shards=args.shards,
-                                      workers=1)
+            uri = run_estimate_fisher(asdict(spec), store_root=str(tmp / f"flow{rep}"), shards=args.shards, workers=1)
             flows.append(time.perf_counter() - t0)
         ref = read_fisher(str(tmp / "single0.zarr"))
         results["single_s_runs"], results["flow_threads_s_runs"] = singles, flows

@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 from lib.errors import FishmergeError
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
 
 def parse_size(text: str) -> int:
-    """'512MB', '2GiB', '1e6'-free sizes to bytes (KB=1000, KiB=1024)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: '{text}' (try 512MB or 2GiB)")
-    value, unit = float(m.group(1)), (m.group(2) or "").upper()
-    base = unit[:1]
-    factor = 1024 ** ("KMGT".index(base) + 1) if unit.endswith("IB") else _UNITS[base]
-    return int(value * factor)
+    """argparse type for sizes such as 512MB or 2GiB (lib.sizes.parse_size)."""
+    from lib.sizes import parse_size as parse
+
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _fields(text: str) -> list[str]:

@@ -1,0 +1,100 @@
+"""Merge config: the contract keys, closest-key hints, all problems at once, relative paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lib.errors import FishmergeError
+from lib.merge_config import load_merge_config
+from lib.sizes import parse_size
+
+GOOD = """
+name: rte-mnli
+method: fisher
+base: ./models/pretrained
+models:
+  - name: rte
+    path: ./models/rte
+    weight: 0.7
+    fisher: ./fishers/rte.zarr
+    data: {path: ./data/rte, text_fields: [sentence1, sentence2], label_field: label,
+           fisher_split: train, eval_split: validation}
+  - name: mnli
+    path: ./models/mnli
+    weight: 0.3
+    fisher: ./fishers/mnli.zarr
+fisher: {estimator: exact, examples: 4096, floor: 1.0e-6, favor_target: true, normalize: true}
+targets: [rte]
+output: ./merged/rte-mnli
+dtype: auto
+memory_limit: 2GB
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "merge.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_the_contract_example_loads(tmp_path) -> None:
+    cfg = load_merge_config(write(tmp_path, GOOD))
+    assert cfg.method == "fisher" and cfg.memory_limit == 2 * 10**9
+    assert cfg.models[0].data.text_fields == ["sentence1", "sentence2"]
+    assert cfg.fisher.normalize is True and cfg.target_names == ["rte"]
+    assert cfg.models[1].path == str((tmp_path / "models/mnli").resolve())
+    assert cfg.output == str((tmp_path / "merged/rte-mnli").resolve())
+
+
+def test_unknown_keys_name_the_closest_valid_key_and_all_problems_are_listed(tmp_path) -> None:
+    bad = GOOD.replace("weight: 0.7", "wieght: 0.7").replace("memory_limit", "memory_limt")
+    bad = bad.replace("favor_target: true", "favour_target: true")
+    with pytest.raises(FishmergeError) as err:
+        load_merge_config(write(tmp_path, bad))
+    msg = str(err.value)
+    assert "3 problem(s)" in msg
+    assert "models[0].wieght: unknown key; did you mean 'weight'?" in msg
+    assert "memory_limt: unknown key; did you mean 'memory_limit'?" in msg
+    assert "fisher.favour_target: unknown key; did you mean 'favor_target'?" in msg
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (("method: fisher", "method: slerp"), "unknown method 'slerp'"),
+        (("method: fisher\nbase: ./models/pretrained", "method: ties"), "needs `base:`"),
+        (("weight: 0.7", "weight: -1"), "weight must be ≥ 0"),
+        (("targets: [rte]", "targets: [qnli]"), "targets ['qnli']"),
+        (("name: mnli", "name: rte"), "unique"),
+        (("memory_limit: 2GB", "memory_limit: lots"), "not a size"),
+    ],
+)
+def test_bad_values(tmp_path, change, needle) -> None:
+    with pytest.raises(FishmergeError, match=None) as err:
+        load_merge_config(write(tmp_path, GOOD.replace(*change)))
+    assert needle in str(err.value)
+
+
+def test_weights_summing_to_zero_and_missing_fisher(tmp_path) -> None:
+    text = GOOD.replace("weight: 0.7", "weight: 0").replace("weight: 0.3", "weight: 0")
+    with pytest.raises(FishmergeError, match="sum to 0"):
+        load_merge_config(write(tmp_path, text))
+    text = GOOD.replace("    fisher: ./fishers/mnli.zarr\n", "")
+    with pytest.raises(FishmergeError, match=r"needs `fisher:` .* \['mnli'\]"):
+        load_merge_config(write(tmp_path, text))
+
+
+def test_missing_file_and_bad_yaml(tmp_path) -> None:
+    with pytest.raises(FishmergeError, match="does not exist"):
+        load_merge_config(tmp_path / "nope.yaml")
+    with pytest.raises(FishmergeError, match="not valid YAML"):
+        load_merge_config(write(tmp_path, "models: [\n"))
+
+
+def test_sizes() -> None:
+    assert parse_size("2GB") == 2 * 10**9
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5 GiB") == int(1.5 * 2**30)
+    assert parse_size(123) == 123
