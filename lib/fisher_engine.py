@@ -31,23 +31,30 @@ def _derives_positions_from_ids(model: nn.Module) -> bool:
     return any(hasattr(type(m), "create_position_ids_from_input_ids") for m in model.modules())
 
 
-def model_inputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Forward kwargs with per-example position ids (never a broadcast (1, T) tensor)."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(ids)
-    accepted = inspect.signature(model.forward).parameters
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if "position_ids" in batch:
-        inputs["position_ids"] = batch["position_ids"]
-    elif "position_ids" in accepted and not _derives_positions_from_ids(model):
-        inputs["position_ids"] = (mask.long().cumsum(1) - 1).clamp(min=0)
-    if "token_type_ids" in batch:  # never invent them: GPT-2 would add wte[0] to every position
-        inputs["token_type_ids"] = batch["token_type_ids"]
-    if "use_cache" in accepted:
-        inputs["use_cache"] = False
-    return inputs
+class InputPlan:
+    """Which extra forward kwargs a model takes, decided once per model (not per batch)."""
+
+    def __init__(self, model: nn.Module):
+        accepted = inspect.signature(model.forward).parameters
+        self.position_ids = "position_ids" in accepted and not _derives_positions_from_ids(model)
+        self.use_cache = "use_cache" in accepted
+
+    def inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Forward kwargs with per-example position ids (never a broadcast (1, T) tensor)."""
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in batch:
+            inputs["position_ids"] = batch["position_ids"]
+        elif self.position_ids:
+            inputs["position_ids"] = (mask.long().cumsum(1) - 1).clamp(min=0)
+        if "token_type_ids" in batch:  # never invent them: GPT-2 would add wte[0] to every position
+            inputs["token_type_ids"] = batch["token_type_ids"]
+        if self.use_cache:
+            inputs["use_cache"] = False
+        return inputs
 
 
 class FisherAccumulator:
@@ -78,6 +85,7 @@ class FisherAccumulator:
         self.model = model.eval()
         self.estimator = estimator
         self.head = head or detect_head(model)
+        self._input_plan = InputPlan(model)
         self.seed = seed
         self.max_memory = int(max_memory)
         self.max_exact_classes = max_exact_classes
@@ -163,7 +171,7 @@ class FisherAccumulator:
         self._recording = True
         try:
             with torch.enable_grad():
-                out = self.model(**model_inputs(self.model, batch))
+                out = self.model(**self._input_plan.inputs(batch))
         finally:
             self._recording = False
         calls, self._calls = self._calls, []

@@ -11,7 +11,6 @@ All arithmetic is fp32 whatever the model dtype.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -344,7 +343,3 @@ def rule_for(module: nn.Module) -> Rule | None:
     if cls.__name__ in _RULES_BY_NAME:
         return _RULES_BY_NAME[cls.__name__]
     return None
-
-
-def numel(shape: Sequence[int]) -> int:
-    return math.prod(shape)
