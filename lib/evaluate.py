@@ -1,0 +1,236 @@
+"""Evaluation of merged and input models: class probabilities, classification metrics, LM perplexity.
+
+Batched, in eval mode under `torch.inference_mode`, on CPU or GPU. On CPU every batch is padded to
+the fixed `max_length` (dynamic shapes make CPU kernels re-plan and cost seconds per step); on GPU
+to the batch's longest row. Metrics are plain numpy so they can be checked against scikit-learn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lib.checkpoint import resolve_device
+from lib.data import _label_values, check_columns, load_split
+from lib.errors import FishmergeError
+
+
+def load_eval_rows(
+    data_path: str, split: str, text_fields: list[str], label_field: str | None, limit: int | None = None
+) -> list[dict]:
+    """The first `limit` rows (all when None) of a split as dicts holding only the text and label fields.
+
+    Same loaders as Fisher estimation (`lib.data.load_split`): a save_to_disk folder or a
+    .csv/.json/.jsonl/.parquet file. The first rows, not a sample, so every evaluation of a split is
+    over the same examples.
+    """
+    if len(text_fields) not in (1, 2):
+        raise FishmergeError(f"text fields take one or two columns, got {list(text_fields)}")
+    if limit is not None and limit <= 0:
+        raise FishmergeError(f"the evaluation limit must be positive, got {limit}")
+    dataset = load_split(data_path, split)
+    fields = list(text_fields) + ([label_field] if label_field else [])
+    check_columns(dataset.column_names, list(text_fields), "text")
+    if label_field:
+        check_columns(dataset.column_names, [label_field], "label")
+    if len(dataset) == 0:
+        raise FishmergeError(f"split '{split}' of '{data_path}' is empty: nothing to evaluate on")
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.select(range(limit))
+    columns = {f: dataset[f] for f in fields}
+    return [{f: columns[f][i] for f in fields} for i in range(len(dataset))]
+
+
+def label_ids(rows: Sequence[dict], label_field: str, label2id: dict | None = None) -> np.ndarray:
+    """Integer class ids of the rows' labels: ints as they are, names through the model's label2id."""
+    raw = [r[label_field] for r in rows]
+    return _label_values(raw, label2id, regression=False).numpy()
+
+
+def _device(device: str | torch.device) -> torch.device:
+    return device if isinstance(device, torch.device) else resolve_device(device)
+
+
+def _texts(rows: Sequence[dict], text_fields: Sequence[str]) -> list[list[str]]:
+    if len(text_fields) not in (1, 2):
+        raise FishmergeError(f"text fields take one or two columns, got {list(text_fields)}")
+    if rows:
+        check_columns(list(rows[0]), list(text_fields), "text")
+    return [["" if r[f] is None else str(r[f]) for r in rows] for f in text_fields]
+
+
+def _tokenize(tokenizer, texts: list[list[str]], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded batch: to max_length on CPU (fixed shapes), to the longest row on GPU."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise FishmergeError("the tokenizer has neither a pad nor an eos token: save it with a pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    padding = "max_length" if device.type == "cpu" else "longest"
+    enc = tokenizer(
+        *texts, truncation=True, max_length=max_length, padding=padding, padding_side="right", return_tensors="pt"
+    )
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def _batched(n: int, batch_size: int, progress: bool, desc: str):
+    if batch_size <= 0:
+        raise FishmergeError(f"batch size must be positive, got {batch_size}")
+    with tqdm(total=n, disable=not progress, desc=desc, unit="ex") as bar:
+        for s in range(0, n, batch_size):
+            e = min(n, s + batch_size)
+            yield s, e
+            bar.update(e - s)
+
+
+def class_probabilities(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    text_fields: Sequence[str],
+    batch_size: int = 32,
+    max_length: int = 128,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
+    """Softmax probabilities (n, C) of a *ForSequenceClassification model; pairs when two text fields.
+
+    The model is moved to `device` and put in eval mode. Softmax in fp32 whatever the model dtype.
+    """
+    dev = _device(device)
+    texts = _texts(rows, text_fields)
+    model.to(dev).eval()
+    out = []
+    with torch.inference_mode():
+        for s, e in _batched(len(rows), batch_size, progress, "evaluate"):
+            batch = _tokenize(tokenizer, [t[s:e] for t in texts], max_length, dev)
+            logits = model(**batch).logits
+            if logits.dim() != 2:
+                raise FishmergeError(
+                    f"expected (batch, classes) logits from a *ForSequenceClassification model, got shape {tuple(logits.shape)}"
+                )
+            out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+    if not out:
+        return np.zeros((0, int(getattr(model.config, "num_labels", 0))), dtype=np.float32)
+    return np.concatenate(out).astype(np.float64)
+
+
+def _check_pair(labels, preds) -> tuple[np.ndarray, np.ndarray]:
+    y, p = np.asarray(labels).ravel(), np.asarray(preds).ravel()
+    if y.shape != p.shape:
+        raise FishmergeError(f"{y.size} labels but {p.size} predictions: they must match one to one")
+    if y.size == 0:
+        raise FishmergeError("no labels to score: the evaluation set is empty")
+    return y, p
+
+
+def accuracy(labels, preds) -> float:
+    """Fraction of predictions equal to the labels."""
+    y, p = _check_pair(labels, preds)
+    return float(np.mean(y == p))
+
+
+def macro_f1(labels, preds, num_classes: int | None = None) -> float:
+    """Unweighted mean of per-class F1 = 2TP / (2TP + FP + FN).
+
+    Over the classes present in labels ∪ preds (scikit-learn's `f1_score(average="macro")`), or over
+    0..num_classes-1 when given (a class never seen nor predicted then scores 0, as in scikit-learn).
+    """
+    y, p = _check_pair(labels, preds)
+    if num_classes is None:
+        classes = np.union1d(y, p)
+    else:
+        bad = sorted(set(np.union1d(y, p).tolist()) - set(range(num_classes)))
+        if bad:
+            raise FishmergeError(f"class ids {bad[:5]} are outside 0..{num_classes - 1}")
+        classes = np.arange(num_classes)
+    scores = []
+    for c in classes:
+        tp = np.sum((y == c) & (p == c))
+        denom = 2 * tp + np.sum((y != c) & (p == c)) + np.sum((y == c) & (p != c))
+        scores.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(scores))
+
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "accuracy": accuracy,
+    "f1": macro_f1,
+}
+
+
+def classification_metrics(probs: np.ndarray, labels, metrics: Sequence[str] = ("accuracy", "f1")) -> dict[str, float]:
+    """Named metrics of argmax predictions: accuracy, f1 (macro over classes in labels ∪ predictions)."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise FishmergeError(f"unknown metric(s) {unknown}: valid metrics are {', '.join(METRICS)}")
+    probs = np.asarray(probs)
+    y = np.asarray(labels).ravel()
+    if probs.ndim != 2 or probs.shape[0] != y.size:
+        raise FishmergeError(
+            f"probabilities of shape {probs.shape} do not match {y.size} labels: expected ({y.size}, C)"
+        )
+    if y.size and (y.min() < 0 or y.max() >= probs.shape[1]):
+        raise FishmergeError(
+            f"labels span {int(y.min())}..{int(y.max())} but the model has {probs.shape[1]} classes: "
+            "check the label field and the model's label2id"
+        )
+    preds = probs.argmax(axis=1)
+    return {m: METRICS[m](y, preds) for m in metrics}
+
+
+def perplexity(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 8,
+    max_length: int = 128,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> float:
+    """exp(total next-token NLL / number of predicted tokens) of a causal LM over non-pad tokens.
+
+    Texts are truncated to `max_length` tokens; within each text, token t+1 is predicted from
+    tokens ≤ t, so a text of L tokens contributes L-1 predictions. Log-softmax in fp32.
+    """
+    dev = _device(device)
+    texts = ["" if t is None else str(t) for t in texts]
+    model.to(dev).eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for s, e in _batched(len(texts), batch_size, progress, "perplexity"):
+            batch = _tokenize(tokenizer, [texts[s:e]], max_length, dev)
+            batch.pop("token_type_ids", None)
+            logits = model(**batch).logits[:, :-1].float()
+            targets = batch["input_ids"][:, 1:]
+            keep = batch["attention_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            total -= float(logp[keep].double().sum())
+            count += int(keep.sum())
+    if count == 0:
+        raise FishmergeError("no token to predict: every text is empty or a single token after tokenization")
+    return math.exp(total / count)
+
+
+def ensemble_probabilities(prob_list: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """λ-weighted average of (n, C) probability matrices, weights normalised to sum to 1.
+
+    The output ensemble a merge is compared against (same λ as the merge).
+    """
+    if not prob_list:
+        raise FishmergeError("no probability matrices to ensemble")
+    if len(prob_list) != len(weights):
+        raise FishmergeError(f"{len(prob_list)} probability matrices but {len(weights)} weights")
+    w = np.asarray(weights, dtype=np.float64)
+    if np.any(~np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise FishmergeError(f"ensemble weights must be finite, ≥ 0 and not all 0, got {list(weights)}")
+    mats = [np.asarray(p, dtype=np.float64) for p in prob_list]
+    shapes = {m.shape for m in mats}
+    if len(shapes) != 1:
+        raise FishmergeError(
+            f"probability matrices differ in shape {sorted(shapes)}: evaluate every model on the same rows"
+        )
+    w = w / w.sum()
+    return sum(wi * m for wi, m in zip(w, mats, strict=True))
