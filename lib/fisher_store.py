@@ -83,7 +83,7 @@ def commit_store(staging: str, uri: str, group: zarr.Group, attrs: Mapping[str, 
     group.attrs.update(full)
     uri = storage.normalize(uri)
     if not storage.is_remote(uri):
-        _replace_dir(Path(staging), Path(uri))
+        replace_dir(Path(staging), Path(uri))
     return uri
 
 
@@ -107,7 +107,7 @@ def write_fisher_store(uri: str, tensors: Mapping[str, np.ndarray], attrs: Mappi
         raise
 
 
-def _replace_dir(src: Path, dest: Path) -> None:
+def replace_dir(src: Path, dest: Path) -> None:
     """Rename src over dest; an existing dest is moved aside first and removed after."""
     old = None
     if dest.exists():

@@ -52,6 +52,11 @@ class FisherConfig(_Strict):
     floor: float = 1e-6
     favor_target: bool = True
     normalize: bool = False  # measured better on real MiniLM merges (brief); λ search covers both
+    seed: int = 0
+    max_length: int = 128
+    batch_size: int = 16
+    shards: int = 1
+    store_root: str | None = None  # default: ./.fishmerge/fishers of the working directory
 
 
 class MergeConfig(_Strict):
@@ -64,8 +69,18 @@ class MergeConfig(_Strict):
     output: str
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     memory_limit: int = 2 * 10**9
+    shard_size: int = 2 * 10**9
+    scale: float = 1.0  # task_arithmetic / ties: base + scale · merged task vector
+    density: float = 0.2  # ties: fraction of each task vector kept
 
-    @field_validator("memory_limit", mode="before")
+    @field_validator("density")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"density must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("memory_limit", "shard_size", mode="before")
     @classmethod
     def _size(cls, v):
         return parse_size(v)
@@ -164,6 +179,7 @@ def _resolve_paths(cfg: MergeConfig, root: Path) -> MergeConfig:
 
     cfg.base = fix(cfg.base)
     cfg.output = fix(cfg.output)
+    cfg.fisher.store_root = fix(cfg.fisher.store_root)
     for m in cfg.models:
         m.path, m.fisher = fix(m.path), fix(m.fisher)
         if m.data:

@@ -103,7 +103,9 @@ class Fisher(MergeMethod):
             wf = np.float32(w) * f
             num += wf * (t.astype(np.float32, copy=False) - anchor)
             den += wf
-        return anchor + num / den
+        # Σλ·F̃ = 0 happens with favor_target when the target's λ is 0 and no other model has mass
+        # there (e.g. vocabulary rows never seen): keep the target's value instead of 0/0.
+        return anchor + np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
 class TaskArithmetic(MergeMethod):

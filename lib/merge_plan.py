@@ -1,0 +1,484 @@
+"""Plan a merge before doing any of it: check every input, lay out the output, estimate the cost.
+
+`build_plan` reads only headers, configs and Fisher store attributes (plus cached model
+fingerprints), reports every incompatibility at once, and fixes what the executor will do:
+which tensors are merged (present with one shape in every model) and which come from each
+target (its head), the output files and their layout, the block size that fits the memory
+budget, and the bytes, disk, memory and time the merge will cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lib import __version__
+from lib.checkpoint import cached_model_fingerprint, model_architecture
+from lib.errors import FishmergeError
+from lib.fisher_store import open_fisher_store
+from lib.merge_config import MergeConfig
+from lib.merge_methods import MergeMethod, MergeOptions, get_method
+from lib.safetensors_io import DTYPE_NAMES, FLOAT_DTYPES, ITEMSIZE, TensorRef, tensor_index
+from lib.sizes import parse_size
+
+DEFAULT_SHARD_SIZE = 2 * 10**9
+BASELINE_RSS = 450 * 2**20  # interpreter, numpy, torch, dask, zarr: measured RssAnon before any block
+MAX_BLOCK_ELEMS = 8 * 2**20
+READ_BYTES_PER_S = 400e6  # rough streaming rate on the dev machine (benchmarks/merge_throughput.py)
+
+
+@dataclass
+class ModelInput:
+    """One model of the merge: where it is, what it is, its tensors and its Fisher."""
+
+    name: str
+    path: str
+    weight: float
+    fingerprint: str
+    architecture: str
+    model_type: str
+    refs: dict[str, TensorRef]
+    fisher: str | None = None
+    fisher_id: str | None = None
+
+
+@dataclass
+class OutputFilePlan:
+    """One safetensors file of one target's output: its name and tensor keys in order."""
+
+    name: str
+    keys: list[str]
+    nbytes: int = 0
+
+
+@dataclass
+class TargetPlan:
+    """One target's output directory: merged keys, its own (head) keys, dtypes, files."""
+
+    name: str
+    index: int  # position of the target in plan.models
+    own_keys: list[str]
+    dtypes: dict[str, str]
+    files: list[OutputFilePlan] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+
+@dataclass
+class MergePlan:
+    """Everything the executor needs, decided up front."""
+
+    plan_id: str
+    method: str
+    options: MergeOptions
+    weights: list[float]
+    models: list[ModelInput]
+    base: ModelInput | None
+    base_keys: dict[str, str]  # merged key -> key in the base checkpoint
+    shared: list[str]
+    targets: list[TargetPlan]
+    output: str
+    shard_size: int
+    memory_limit: int
+    threads: int
+    block_elems: int
+    bytes_read: int
+    bytes_written: int
+    peak_memory: int
+    est_seconds: float
+    notes: list[str] = field(default_factory=list)
+    config_name: str = ""
+
+    @property
+    def merge_method(self) -> MergeMethod:
+        return get_method(self.method)
+
+    @property
+    def staging(self) -> str:
+        """Where the output is built before it is renamed into place (deterministic: reruns resume)."""
+        out = Path(self.output)
+        return str(out.parent / f".{out.name}.staging-{self.plan_id}")
+
+
+def _base_prefix(architecture: str) -> str:
+    import transformers
+
+    cls = getattr(transformers, architecture, None)
+    return getattr(cls, "base_model_prefix", "") or ""
+
+
+def _is_head(key: str, architecture: str, prefix: str) -> bool:
+    """Task heads (classifiers) are never merged: each target keeps its own. LM heads are merged."""
+    if architecture.endswith(("ForCausalLM", "LMHeadModel")) or not prefix:
+        return False
+    return not key.startswith(prefix + ".")
+
+
+def _open_model(name: str, path: str, weight: float, problems: list[str]) -> ModelInput | None:
+    try:
+        arch = model_architecture(path)
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        refs = tensor_index(path)
+        fp = cached_model_fingerprint(path)
+    except FishmergeError as exc:
+        problems.append(f"model '{name}': {exc}")
+        return None
+    return ModelInput(name, path, weight, fp, arch, cfg.get("model_type", "?"), refs)
+
+
+def _open_base(path: str, problems: list[str]) -> ModelInput | None:
+    """The base model may be headless (e.g. BertModel): only its tensors and fingerprint are needed."""
+    try:
+        refs = tensor_index(path)
+        fp = cached_model_fingerprint(path)
+        cfg = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").exists() else {}
+    except FishmergeError as exc:
+        problems.append(f"base: {exc}")
+        return None
+    arch = (cfg.get("architectures") or ["?"])[0]
+    return ModelInput("base", path, 0.0, fp, arch, cfg.get("model_type", "?"), refs)
+
+
+def _check_fisher(m: ModelInput, shared: list[str], problems: list[str]) -> None:
+    """The store must be a Fisher of this very model, cover the merged tensors, and hold finite values."""
+    try:
+        group = open_fisher_store(m.fisher)
+    except FishmergeError as exc:
+        problems.append(f"model '{m.name}': {exc}")
+        return
+    attrs = dict(group.attrs)
+    m.fisher_id = (
+        attrs.get("fisher_id")
+        or hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    )
+    if attrs.get("model_fingerprint") != m.fingerprint:
+        problems.append(
+            f"model '{m.name}': the Fisher store '{m.fisher}' was computed for another model "
+            f"(fingerprint {str(attrs.get('model_fingerprint'))[:19]}…, this model is {m.fingerprint[:19]}…): "
+            "point `fisher:` at this model's store, or give `data:` to estimate it"
+        )
+        return
+    arrays = dict(group.arrays())
+    missing = [k for k in shared if k not in arrays]
+    wrong = [
+        f"{k} {tuple(arrays[k].shape)} vs {m.refs[k].shape}"
+        for k in shared
+        if k in arrays and tuple(arrays[k].shape) != m.refs[k].shape
+    ]
+    if missing:
+        problems.append(
+            f"model '{m.name}': Fisher store '{m.fisher}' lacks tensors {missing[:5]}{' …' if len(missing) > 5 else ''}"
+        )
+    if wrong:
+        problems.append(f"model '{m.name}': Fisher store '{m.fisher}' has other shapes: {wrong[:5]}")
+    stats = attrs.get("tensor_stats") or {}
+    bad = [
+        k for k in shared if k in stats and not all(math.isfinite(float(stats[k].get(s, 0.0))) for s in ("mass", "max"))
+    ]
+    if bad:
+        problems.append(
+            f"model '{m.name}': the Fisher store '{m.fisher}' holds NaN/Inf in {bad[:5]}: recompute the Fisher "
+            "(a NaN Fisher usually means NaN logits: check the model and data)"
+        )
+
+
+def bytes_per_element(n_models: int, n_targets: int, method: str) -> int:
+    """Working memory per merged element in one block (inputs in fp32 and raw, Fishers, temporaries)."""
+    fisher = 8 if method == "fisher" else 0
+    base = 6 if method in ("task_arithmetic", "ties") else 0
+    return n_models * (4 + 2 + fisher) + base + 5 * 4 + n_targets * (4 + 2)
+
+
+def build_plan(
+    cfg: MergeConfig,
+    fishers: dict[str, str] | None = None,
+    *,
+    shard_size: int | str | None = None,
+    threads: int | None = None,
+    overwrite: bool = False,
+    check_output: bool = True,
+) -> MergePlan:
+    """Check every input and decide the whole merge; raise one FishmergeError listing all problems.
+
+    `fishers` maps model names to Fisher stores estimated for this merge (models with `data:`);
+    stores named in the config come from `fisher:`.
+    """
+    problems: list[str] = []
+    notes: list[str] = []
+    method = get_method(cfg.method)
+    models = [_open_model(m.name, m.path, m.weight, problems) for m in cfg.models]
+    base = _open_base(cfg.base, problems) if cfg.base and (method.needs_base) else None
+    if problems or any(m is None for m in models):
+        raise _error(problems)
+
+    types = {m.model_type for m in models}
+    if len(types) > 1:
+        problems.append(
+            "architectures differ: " + ", ".join(f"{m.name}={m.model_type} ({m.architecture})" for m in models)
+        )
+        raise _error(problems)
+
+    # Shared tensors: in every model with one shape. A head differs in shape (labels) and stays per target.
+    prefixes = {m.name: _base_prefix(m.architecture) for m in models}
+    common = set.intersection(*(set(m.refs) for m in models))
+    shared, mismatched = [], []
+    for key in sorted(common, key=lambda k: list(models[0].refs).index(k)):
+        shapes = [m.refs[key].shape for m in models]
+        head = any(_is_head(key, m.architecture, prefixes[m.name]) for m in models)
+        if head:
+            continue
+        if len(set(shapes)) > 1:
+            mismatched.append(f"{key}: " + ", ".join(f"{m.name} {list(m.refs[key].shape)}" for m in models))
+        elif all(m.refs[key].dtype in FLOAT_DTYPES for m in models):
+            shared.append(key)
+    if mismatched:
+        vocab = _vocab_sizes(cfg)
+        hint = f" (vocabulary sizes {vocab})" if len(set(vocab.values())) > 1 else ""
+        problems.append(f"{len(mismatched)} tensor(s) differ in shape{hint}:\n    " + "\n    ".join(mismatched))
+    not_everywhere = sorted(set().union(*(set(m.refs) for m in models)) - common)
+    body_missing = [k for k in not_everywhere if not any(_is_head(k, m.architecture, prefixes[m.name]) for m in models)]
+    if body_missing:
+        notes.append(
+            f"{len(body_missing)} body tensor(s) are not in every model and come from each target: {body_missing[:3]}"
+        )
+    if not shared:
+        problems.append("the models share no tensor of equal shape: nothing to merge")
+
+    base_keys: dict[str, str] = {}
+    if base is not None:
+        prefix = prefixes[models[0].name]
+        absent, wrong = [], []
+        for key in shared:
+            cand = [key, key[len(prefix) + 1 :] if prefix and key.startswith(prefix + ".") else key]
+            found = next((c for c in cand if c in base.refs), None)
+            if found is None:
+                absent.append(key)
+            elif base.refs[found].shape != models[0].refs[key].shape:
+                wrong.append(f"{key}: base {list(base.refs[found].shape)} vs models {list(models[0].refs[key].shape)}")
+            else:
+                base_keys[key] = found
+        if absent:
+            problems.append(f"the base model lacks {len(absent)} merged tensor(s): {absent[:5]}")
+        if wrong:
+            problems.append("the base model differs in shape:\n    " + "\n    ".join(wrong[:10]))
+
+    if method.needs_fisher:
+        fishers = fishers or {}
+        for m, mc in zip(models, cfg.models):
+            m.fisher = fishers.get(m.name) or mc.fisher
+            if m.fisher is None:
+                notes.append(f"the Fisher of '{m.name}' will be estimated from its data first")
+                continue
+            _check_fisher(m, shared, problems)
+
+    targets: list[TargetPlan] = []
+    names = [m.name for m in models]
+    for t in cfg.target_names:
+        i = names.index(t)
+        own = [k for k in models[i].refs if k not in shared]
+        dtypes = {}
+        for key, ref in models[i].refs.items():
+            want = DTYPE_NAMES.get(cfg.dtype)
+            dtypes[key] = want if (want and ref.dtype in FLOAT_DTYPES) else ref.dtype
+        targets.append(TargetPlan(t, i, own, dtypes))
+
+    if problems:
+        raise _error(problems)
+
+    size = parse_size(shard_size) if shard_size is not None else cfg.shard_size
+    for tp in targets:
+        tp.files = _shard_files(list(models[tp.index].refs), tp.dtypes, models[tp.index].refs, size)
+
+    options = MergeOptions(
+        floor=cfg.fisher.floor,
+        favor_target=cfg.fisher.favor_target,
+        normalize=cfg.fisher.normalize,
+        scale=cfg.scale,
+        density=cfg.density,
+    )
+    weights = [float(w) for w in method.check_weights([m.weight for m in models])]
+    n_threads = max(1, threads or os.cpu_count() or 1)
+    per_elem = bytes_per_element(len(models), len(targets), cfg.method)
+    budget = cfg.memory_limit - BASELINE_RSS
+    block = min(MAX_BLOCK_ELEMS, int(budget * 0.6) // (n_threads * per_elem)) if budget > 0 else 0
+    largest_row = max((models[0].refs[k].row_elems for k in shared), default=1)
+    if block < largest_row:
+        need = BASELINE_RSS + int(largest_row * per_elem * n_threads / 0.6)
+        raise _error(
+            [
+                f"memory_limit {_fmt(cfg.memory_limit)} is too small for this merge: one row of the widest tensor "
+                f"needs about {_fmt(need)} with {n_threads} thread(s). Raise memory_limit or use fewer threads."
+            ]
+        )
+    shared_elems = sum(math.prod(models[0].refs[k].shape) for k in shared)
+    read = sum(m.refs[k].nbytes for m in models for k in shared)
+    if method.needs_fisher:
+        read += 4 * shared_elems * len(models)
+    if base is not None:
+        read += sum(base.refs[base_keys[k]].nbytes for k in shared)
+    read += sum(models[tp.index].refs[k].nbytes for tp in targets for k in tp.own_keys)
+    written = sum(tp.nbytes for tp in targets)
+    peak = (
+        BASELINE_RSS
+        + n_threads * min(block, max((math.prod(models[0].refs[k].shape) for k in shared), default=1)) * per_elem
+    )
+    passes = 1 + (cfg.fisher.normalize and method.needs_fisher) + 2 * (cfg.method == "ties")
+    est = (read * passes + written) / READ_BYTES_PER_S
+
+    plan = MergePlan(
+        plan_id="",
+        method=cfg.method,
+        options=options,
+        weights=weights,
+        models=models,
+        base=base,
+        base_keys=base_keys,
+        shared=shared,
+        targets=targets,
+        output=cfg.output,
+        shard_size=size,
+        memory_limit=cfg.memory_limit,
+        threads=n_threads,
+        block_elems=block,
+        bytes_read=read,
+        bytes_written=written,
+        peak_memory=peak,
+        est_seconds=est,
+        notes=notes,
+        config_name=cfg.name,
+    )
+    plan.plan_id = plan_identity(plan, cfg.dtype)
+    if check_output:
+        check_output_path(plan, overwrite)
+    return plan
+
+
+def plan_identity(plan: MergePlan, dtype: str) -> str:
+    """Hash of what determines the output bytes (inputs by content, method, options, λ, layout)."""
+    key = {
+        "version": __version__,
+        "method": plan.method,
+        "options": [
+            plan.options.floor,
+            plan.options.favor_target,
+            plan.options.normalize,
+            plan.options.scale,
+            plan.options.density,
+        ],
+        "weights": plan.weights,
+        "models": [[m.name, m.fingerprint, m.fisher_id] for m in plan.models],
+        "base": plan.base.fingerprint if plan.base else None,
+        "targets": [t.name for t in plan.targets],
+        "dtype": dtype,
+        "shard_size": plan.shard_size,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_output_path(plan: MergePlan, overwrite: bool) -> None:
+    """The output must not exist (unless overwrite) and its disk must hold the new output."""
+    out = Path(plan.output)
+    if out.exists() and not overwrite:
+        raise FishmergeError(
+            f"the output '{out}' already exists: choose another `output:`, or pass --overwrite to replace it"
+        )
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    staged = _staged_bytes(plan)
+    free = shutil.disk_usage(parent).free
+    need = plan.bytes_written - staged
+    if need > free:
+        raise FishmergeError(
+            f"not enough disk for the output: {_fmt(need)} to write under '{parent}', {_fmt(free)} free. "
+            "Free space or choose another `output:`"
+        )
+
+
+def _staged_bytes(plan: MergePlan) -> int:
+    """Bytes already allocated by an interrupted run of the same plan (they are reused)."""
+    staging = Path(plan.staging)
+    return sum(f.stat().st_size for f in staging.rglob("*.safetensors")) if staging.exists() else 0
+
+
+def _shard_files(
+    keys: list[str], dtypes: dict[str, str], refs: dict[str, TensorRef], shard_size: int
+) -> list[OutputFilePlan]:
+    files: list[OutputFilePlan] = [OutputFilePlan("", [])]
+    for key in keys:
+        n = math.prod(refs[key].shape) * ITEMSIZE[dtypes[key]]
+        if files[-1].keys and files[-1].nbytes + n > shard_size:
+            files.append(OutputFilePlan("", []))
+        files[-1].keys.append(key)
+        files[-1].nbytes += n
+    total = len(files)
+    for i, f in enumerate(files):
+        f.name = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+    return files
+
+
+def _vocab_sizes(cfg: MergeConfig) -> dict[str, object]:
+    out = {}
+    for m in cfg.models:
+        try:
+            c = json.loads((Path(m.path) / "config.json").read_text())
+            out[m.name] = c.get("vocab_size") or c.get("text_config", {}).get("vocab_size")
+        except (OSError, json.JSONDecodeError):
+            out[m.name] = None
+    return out
+
+
+def _error(problems: list[str]) -> FishmergeError:
+    if len(problems) == 1:
+        return FishmergeError(problems[0])
+    return FishmergeError(f"{len(problems)} problems with the merge inputs:\n  " + "\n  ".join(problems))
+
+
+def _fmt(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n}"
+
+
+def format_plan(plan: MergePlan) -> str:
+    """The plan as people read it: inputs, what is merged, what each target keeps, the cost."""
+    shared_bytes = sum(plan.models[0].refs[k].nbytes for k in plan.shared)
+    lines = [
+        f"merge plan {plan.plan_id}  ({plan.config_name}, method {plan.method})",
+        "inputs:",
+    ]
+    for m, w in zip(plan.models, plan.weights):
+        fisher = f", fisher {m.fisher}" if m.fisher else ""
+        lines.append(f"  {m.name:<16} λ={w:.4g}  {m.architecture}  {m.path}  ({m.fingerprint[:19]}…){fisher}")
+    if plan.base:
+        lines.append(f"  base             {plan.base.path}  ({plan.base.fingerprint[:19]}…)")
+    o = plan.options
+    lines.append(
+        f"options: floor={o.floor:g} favor_target={o.favor_target} normalize={o.normalize}"
+        if plan.method == "fisher"
+        else f"options: scale={o.scale:g}" + (f" density={o.density:g}" if plan.method == "ties" else "")
+    )
+    lines.append(f"merged tensors: {len(plan.shared)} ({_fmt(shared_bytes)} per model)")
+    for t in plan.targets:
+        own = ", ".join(t.own_keys[:4]) + (" …" if len(t.own_keys) > 4 else "")
+        lines.append(
+            f"target {t.name}: {len(t.own_keys)} own tensor(s) [{own}] -> {plan.output}/{t.name}/ "
+            f"({len(t.files)} file(s), {_fmt(t.nbytes)})"
+        )
+    lines += [
+        f"read: {_fmt(plan.bytes_read)}   write: {_fmt(plan.bytes_written)}   disk needed: {_fmt(plan.bytes_written)}",
+        f"memory: limit {_fmt(plan.memory_limit)}, estimated peak {_fmt(plan.peak_memory)} "
+        f"({plan.threads} thread(s) × blocks of {plan.block_elems:,} elements)",
+        f"time: about {plan.est_seconds:.0f} s (at ~{READ_BYTES_PER_S / 1e6:.0f} MB/s)",
+    ]
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
