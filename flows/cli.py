@@ -63,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--keep-partials", action="store_true", help="keep per-shard partial sums after the reduce")
     f.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    for name, helptext in (
+        ("plan", "check a merge config's inputs and print what the merge will do and cost"),
+        ("merge", "merge the models of a config out of core (Prefect flow merge-models)"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("config", help="merge config (YAML)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+        p.add_argument("--shard-size", help="largest output safetensors file (default 2GB, or the config's shard_size)")
+        p.add_argument("--threads", type=int, help="merge blocks at once in this process (default: CPU count)")
+        if name == "merge":
+            p.add_argument("--dask-address", help="run merge blocks on this Dask scheduler (output on shared storage)")
+            p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
     i = sub.add_parser("inspect", help="print a Fisher store's attributes and per-tensor statistics")
     i.add_argument("store", help="a Fisher store (local path or s3:// URI)")
     return parser
@@ -129,6 +142,59 @@ def _cmd_fisher(args: argparse.Namespace) -> str:
     return uri
 
 
+def _known_fishers(cfg) -> dict[str, str]:
+    """Fisher stores already computed for the models that give `data:` (no model load)."""
+    from lib.fisher_job import DEFAULT_STORE_ROOT, FisherSpec, existing_store, resolve
+    from lib.merge_config import fisher_specs
+
+    root = cfg.fisher.store_root or DEFAULT_STORE_ROOT
+    found = {}
+    for name, spec in fisher_specs(cfg).items():
+        uri = existing_store(resolve(FisherSpec(**spec), None, root))
+        if uri:
+            found[name] = uri
+    return found
+
+
+def _cmd_plan(args: argparse.Namespace) -> str:
+    from lib.merge_config import load_merge_config
+    from lib.merge_plan import build_plan, format_plan
+
+    cfg = load_merge_config(args.config)
+    plan = build_plan(
+        cfg, _known_fishers(cfg), shard_size=args.shard_size, threads=args.threads, overwrite=args.overwrite
+    )
+    return format_plan(plan)
+
+
+def _cmd_merge(args: argparse.Namespace) -> str:
+    from lib.merge_config import load_merge_config
+    from lib.merge_plan import build_plan, format_plan
+
+    cfg = load_merge_config(args.config)
+    # Every check that needs no estimation runs before any flow machinery starts.
+    plan = build_plan(
+        cfg, _known_fishers(cfg), shard_size=args.shard_size, threads=args.threads, overwrite=args.overwrite
+    )
+    print(format_plan(plan), file=sys.stderr)
+    from flows.merge import run_merge
+
+    summary = run_merge(
+        args.config,
+        overwrite=args.overwrite,
+        shard_size=args.shard_size,
+        dask_address=args.dask_address,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    print(
+        f"merge: {summary['method']} → {summary['output']} in {summary['wall_s']:.1f}s "
+        f"({summary['bytes_written'] / 1e6:.1f} MB written, {summary['blocks_resumed']} block(s) resumed)",
+        file=sys.stderr,
+    )
+    return summary["output"]
+
+
 def _cmd_inspect(args: argparse.Namespace) -> str:
     from lib.fisher_report import inspect_text
 
@@ -140,9 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # slow, busy machines
     args = build_parser().parse_args(argv)
     try:
-        result = {"fisher": _cmd_fisher, "inspect": _cmd_inspect}[args.command](args)
+        result = {"fisher": _cmd_fisher, "inspect": _cmd_inspect, "plan": _cmd_plan, "merge": _cmd_merge}[args.command](
+            args
+        )
     except FishmergeError as exc:
         print(f"fishmerge: error: {exc}", file=sys.stderr)
         return 2

@@ -185,3 +185,24 @@ def _resolve_paths(cfg: MergeConfig, root: Path) -> MergeConfig:
         if m.data:
             m.data.path = fix(m.data.path)
     return cfg
+
+
+def fisher_specs(cfg: MergeConfig) -> dict[str, dict]:
+    """FisherSpec fields (lib.fisher_job) for each model whose Fisher is estimated from its `data:`."""
+    out = {}
+    for m in cfg.models:
+        if m.fisher or not m.data or not METHODS[cfg.method].needs_fisher:
+            continue
+        out[m.name] = {
+            "model": m.path,
+            "data": m.data.path,
+            "split": m.data.fisher_split,
+            "text_fields": list(m.data.text_fields),
+            "label_field": m.data.label_field,
+            "estimator": cfg.fisher.estimator,
+            "examples": cfg.fisher.examples,
+            "seed": cfg.fisher.seed,
+            "batch_size": cfg.fisher.batch_size,
+            "max_length": cfg.fisher.max_length,
+        }
+    return out
