@@ -1,0 +1,211 @@
+"""lib/registry.py on a real MLflow (SQLite store in tmp_path, artifacts beside it)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from lib.errors import FishmergeError
+from lib.registry import (
+    apply_promotion,
+    check_reachable,
+    decide_promotion,
+    download_model_dir,
+    history,
+    promote,
+    register_model_dir,
+    tracking_uri,
+    use_experiment,
+)
+from tests.conftest import SPECIAL, WORDS, save_model_dir
+
+NAME = "fm-test"
+POLICY = {"metric": "accuracy", "min_delta": 0.01, "guard": {"mnli/accuracy": -0.01}}
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow database (migrations take seconds; each test gets a copy)."""
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture(scope="module")
+def cls_dir(tmp_path_factory) -> Path:
+    """Tiny BERT classifier (id2label neg/pos) with a word-level tokenizer that knows its words."""
+    from transformers import BertTokenizer
+
+    d = save_model_dir(tmp_path_factory.mktemp("reg-models") / "bert-cls2", "bert-cls2", seed=3)
+    BertTokenizer(vocab={w: i for i, w in enumerate(SPECIAL + WORDS)}).save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, template_db) -> str:
+    """A fresh tracking store in tmp_path; env MLFLOW_TRACKING_URI cannot leak in."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    use_experiment("fishmerge-tests", uri)
+    return uri
+
+
+def register(model_dir: Path, lineage: str, tags: dict | None = None) -> tuple[str, bool]:
+    run = MlflowClient().create_run(mlflow.get_experiment_by_name("fishmerge-tests").experiment_id)
+    return register_model_dir(model_dir, NAME, run.info.run_id, lineage, tags or {})
+
+
+def aliases() -> dict[str, str]:
+    return {a: str(v) for a, v in MlflowClient().get_registered_model(NAME).aliases.items()}
+
+
+def test_tracking_uri_precedence(monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(None) == "sqlite:///mlflow.db"
+    assert tracking_uri("http://h:5000") == "http://h:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x.db")
+    assert tracking_uri("http://h:5000") == "sqlite:////tmp/x.db"
+
+
+def test_unreachable_server_is_one_clear_error() -> None:
+    with pytest.raises(FishmergeError, match=r"http://127\.0\.0\.1:9 is unreachable.*MLFLOW_TRACKING_URI"):
+        check_reachable("http://127.0.0.1:9", retries=2, backoff_s=0.05, timeout_s=1.0)
+
+
+def test_sqlite_folder_is_created_and_checked(tmp_path) -> None:
+    check_reachable(f"sqlite:///{tmp_path}/a/b/mlflow.db")
+    assert (tmp_path / "a" / "b").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FishmergeError, match="not writable"):
+        check_reachable(f"sqlite:///{tmp_path}/file/mlflow.db")
+
+
+def test_decide_promotion_rules() -> None:
+    champ = {"accuracy": 0.80, "mnli/accuracy": 0.70}
+    assert decide_promotion({"accuracy": 0.5, "mnli/accuracy": 0.1}, None, "accuracy", 0.01, POLICY["guard"])[0]
+    ok, reason = decide_promotion({"accuracy": 0.82, "mnli/accuracy": 0.695}, champ, "accuracy", 0.01, POLICY["guard"])
+    assert ok and "0.82" in reason and "0.8" in reason
+    ok, reason = decide_promotion({"accuracy": 0.805, "mnli/accuracy": 0.9}, champ, "accuracy", 0.01, POLICY["guard"])
+    assert not ok and "0.805 < champion 0.8 + min_delta 0.01" in reason
+    ok, reason = decide_promotion({"accuracy": 0.9, "mnli/accuracy": 0.68}, champ, "accuracy", 0.01, POLICY["guard"])
+    assert not ok and "guard mnli/accuracy broken" in reason and "-0.02" in reason
+    assert decide_promotion({"accuracy": 0.8}, {"accuracy": 0.8}, "accuracy", 0.0, {})[0]  # ties promote at delta 0
+    with pytest.raises(FishmergeError, match=r"new model's metrics lack \['f1'\]"):
+        decide_promotion({"accuracy": 0.9}, champ, "f1", 0.0, {})
+    with pytest.raises(FishmergeError, match=r"champion's metrics lack \['qnli/accuracy'\]"):
+        decide_promotion({"accuracy": 0.9, "qnli/accuracy": 0.5}, champ, "accuracy", 0.0, {"qnli/accuracy": -0.1})
+
+
+def test_register_dedupes_by_lineage_and_keeps_artifacts_beside_the_db(store, cls_dir, tmp_path) -> None:
+    v1, created = register(cls_dir, "lineage-a", {"fishmerge.method": "fisher"})
+    assert (v1, created) == ("1", True)
+    assert aliases() == {"challenger": "1"}
+    assert register(cls_dir, "lineage-a") == ("1", False)
+    assert len(MlflowClient().search_model_versions(f"name='{NAME}'")) == 1
+    v2, created = register(cls_dir, "lineage-b")
+    assert (v2, created) == ("2", True) and aliases() == {"challenger": "2"}
+    mv = MlflowClient().get_model_version(NAME, "1")
+    assert mv.tags["fishmerge.method"] == "fisher" and mv.tags["fishmerge.lineage"] == "lineage-a"
+    stored = list((tmp_path / "mlartifacts").rglob("model.safetensors"))
+    assert len(stored) == 2  # both versions' weights, inside tmp_path beside mlflow.db
+    assert not Path("mlruns").exists()
+
+
+def test_promotion_sequence(store, cls_dir) -> None:
+    versions = [register(cls_dir, f"lineage-{i}")[0] for i in range(4)]
+    first = apply_promotion(NAME, versions[0], {"accuracy": 0.80, "mnli/accuracy": 0.70}, POLICY)
+    assert first["promoted"] and first["champion_before"] is None and "no champion" in first["reason"]
+    better = apply_promotion(NAME, versions[1], {"accuracy": 0.85, "mnli/accuracy": 0.695}, POLICY)
+    assert better["promoted"] and better["champion_before"] == "1" and aliases()["champion"] == "2"
+    worse = apply_promotion(NAME, versions[2], {"accuracy": 0.855, "mnli/accuracy": 0.80}, POLICY)
+    assert not worse["promoted"] and aliases()["champion"] == "2"
+    tags = MlflowClient().get_model_version(NAME, "3").tags
+    assert (
+        tags["fishmerge.decision"] == "rejected"
+        and "0.855 < champion 0.85 + min_delta 0.01" in tags["fishmerge.reason"]
+    )
+    assert tags["fishmerge.champion_before"] == "2" and float(tags["metric.accuracy"]) == 0.855
+    guard = apply_promotion(NAME, versions[3], {"accuracy": 0.95, "mnli/accuracy": 0.60}, POLICY)
+    assert not guard["promoted"] and "guard mnli/accuracy broken" in guard["reason"] and aliases()["champion"] == "2"
+    again = apply_promotion(NAME, "2", {"accuracy": 0.85, "mnli/accuracy": 0.695}, POLICY)
+    assert again["decision"] == "already_champion" and aliases()["champion"] == "2"
+
+
+def test_promote_by_hand_and_history(store, cls_dir) -> None:
+    for i in range(3):
+        register(cls_dir, f"lineage-{i}")
+    apply_promotion(NAME, "1", {"accuracy": 0.8, "mnli/accuracy": 0.7}, POLICY)
+    apply_promotion(NAME, "2", {"accuracy": 0.7, "mnli/accuracy": 0.7}, POLICY)
+    assert promote(NAME, "2")["champion_before"] == "1"
+    assert aliases() == {"champion": "2", "challenger": "3"}
+    assert promote(NAME)["version"] == "3" and aliases()["champion"] == "3"  # default: the challenger
+    rows = history(NAME)
+    assert [r["version"] for r in rows] == ["3", "2", "1"]
+    assert rows[0]["aliases"] == ["challenger", "champion"] and rows[1]["aliases"] == [] and rows[2]["aliases"] == []
+    assert rows[1]["metrics"] == {"accuracy": 0.7, "mnli/accuracy": 0.7} and rows[1]["decision"] == "promoted_by_hand"
+    assert rows[2]["lineage"] == "lineage-0" and rows[2]["run_id"] and rows[2]["created"].endswith("+00:00")
+    with pytest.raises(FishmergeError, match="no registered model 'nope'"):
+        history("nope")
+    with pytest.raises(FishmergeError, match="has no version 9"):
+        promote(NAME, 9)
+
+
+def oracle_labels(model_dir: Path, texts: list[str]) -> list[str]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        return [model.config.id2label[int(model(**tok(t, return_tensors="pt")).logits.argmax())] for t in texts]
+
+
+TEXTS = [" ".join(WORDS[i : i + k]) for i, k in [(0, 3), (10, 7), (30, 2), (45, 9), (60, 5), (80, 4), (5, 1)]]
+
+
+def test_pyfunc_predicts_label_names_and_downloads_as_hf(store, cls_dir, tmp_path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    register(cls_dir, "lineage-a")
+    want = oracle_labels(cls_dir, TEXTS)
+    assert set(want) <= {"neg", "pos"}
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
+    assert list(model.predict(pd.DataFrame({"text": TEXTS}))) == want
+    assert list(model.predict(TEXTS)) == want
+    pairs = model.predict(pd.DataFrame({"text": TEXTS, "text_b": TEXTS[::-1]}))
+    assert set(pairs) <= {"neg", "pos"} and len(pairs) == len(TEXTS)
+
+    hf = download_model_dir(NAME, "challenger", tmp_path / "dl")
+    assert hf.is_relative_to(tmp_path / "dl") and (hf / "model.safetensors").exists()
+    got = AutoModelForSequenceClassification.from_pretrained(hf).state_dict()
+    orig = AutoModelForSequenceClassification.from_pretrained(cls_dir).state_dict()
+    assert all(torch.equal(got[k], orig[k]) for k in orig)
+    assert download_model_dir(NAME, 1, tmp_path / "dl1").name == hf.name
+    with pytest.raises(FishmergeError, match="cannot download"):
+        download_model_dir(NAME, "champion", tmp_path / "dl2")
+
+
+def test_logged_model_loads_without_fishmerge(store, cls_dir, monkeypatch) -> None:
+    """The pyfunc is pickled by value: with fishmerge's `lib` unimportable, it still loads and predicts."""
+    register(cls_dir, "lineage-a")
+    want = oracle_labels(cls_dir, TEXTS)
+    for mod in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
+        monkeypatch.setitem(sys.modules, mod, None)  # any `import lib...` now raises ImportError
+    with pytest.raises(ImportError):
+        __import__("lib.registry")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
+    assert list(model.predict(TEXTS)) == want
+
+
+def test_bad_model_dir(store, tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FishmergeError, match="no .safetensors weights"):
+        register(tmp_path / "empty", "x")
