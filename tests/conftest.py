@@ -15,11 +15,10 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def make_tokenizer(tmp: Path):
-    from transformers import BertTokenizerFast
+    # transformers 5 ignores `vocab_file` here (every word became [UNK]): pass the vocabulary itself.
+    from transformers import BertTokenizer
 
-    vocab = tmp / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL + WORDS) + "\n")
-    return BertTokenizerFast(vocab_file=str(vocab))
+    return BertTokenizer(vocab={w: i for i, w in enumerate(SPECIAL + WORDS)})
 
 
 def save_model_dir(path: Path, name: str, seed: int = 0) -> Path:
