@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -54,7 +55,8 @@ DOC = ROOT / "docs" / "benchmarks.md"
 JSON_OUT = ROOT / "docs" / "benchmarks_merge_cpu.json"
 SHARD_BYTES = 2 * 10**9  # fishmerge "2GB" (10⁹) = mergekit --out-shard-size 2B (bytes)
 VOCAB = 32000
-SLAB_ELEMS = 8 * 2**20  # floor: ≈ 32 MiB of fp32 per slab and stream
+GEN_SLAB_ELEMS = 8 * 2**20  # input generation: ≈ 32 MiB of fp32 per write
+FLOOR_SLAB_ELEMS = 2**18  # floor: 1 MiB of fp32 per slab and stream (cache-resident; measured fastest)
 DOC_BEGIN, DOC_END = "<!-- merge_throughput:begin -->", "<!-- merge_throughput:end -->"
 GB = 1e9
 
@@ -76,10 +78,13 @@ def rss_anon(pid: int) -> int:
 
 @dataclass
 class Measured:
-    """One subprocess run: wall seconds, peak summed RssAnon (process + children), exit status."""
+    """One subprocess run: wall seconds, CPU seconds (user + sys, with its reaped children), peak
+    summed RssAnon (process + children), exit status. CPU time is the steadier number on a shared
+    machine: wall time there includes waiting for other jobs' processes."""
 
     cmd: list[str]
     wall_s: float
+    cpu_s: float
     peak_rss_anon: int
     rc: int
     log: str
@@ -92,6 +97,7 @@ def run_measured(
     """Run `cmd`, polling RssAnon of it and its children every `poll_s` (summed per sample)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     peak, samples = 0, 0
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as out:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
@@ -105,7 +111,9 @@ def run_measured(
             peak, samples = max(peak, total), samples + 1
             time.sleep(poll_s)
         wall = time.perf_counter() - t0
-    return Measured([str(c) for c in cmd], wall, peak, p.returncode, str(log), samples)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return Measured([str(c) for c in cmd], wall, cpu, peak, p.returncode, str(log), samples)
 
 
 def evict(paths: list[Path]) -> None:
@@ -242,7 +250,7 @@ def write_model(out: Path, config, seed: int) -> None:
         for key, shape in shard:  # one tensor at a time, in fp32 slabs: bounded memory
             rows, row = _rows(shape)
             bits = np.empty(rows * row, dtype=np.uint16)
-            step = max(1, SLAB_ELEMS // row) * row
+            step = max(1, GEN_SLAB_ELEMS // row) * row
             for s in range(0, bits.size, step):
                 x = rng.standard_normal(min(step, bits.size - s), dtype=np.float32)
                 x *= 0.02
@@ -275,7 +283,7 @@ def write_fisher(uri: Path, model_dir: Path, seed: int) -> None:
             arr = create_fisher_array(group, key, shape)
             rows, row = _rows(shape)
             crow = chunk_shape(shape)[0] if shape else 1
-            step = max(1, SLAB_ELEMS // (crow * row)) * crow  # whole chunks per write: no read-modify-write
+            step = max(1, GEN_SLAB_ELEMS // (crow * row)) * crow  # whole chunks per write: no read-modify-write
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
                 x = rng.standard_exponential((r1 - r0) * row, dtype=np.float32)
@@ -402,11 +410,8 @@ class _FisherChunks:
             self.meta[key] = (chunks[0], len(shape))
         return self.meta[key]
 
-    def rows_multiple(self, key: str) -> int:
-        return self._chunk_rows(key)[0]
-
     def read(self, key: str, r0: int, r1: int, row: int, out: np.ndarray) -> None:
-        """Rows [r0, r1) into out (flat fp32); r0 is chunk-aligned. Missing chunks are zeros (fill)."""
+        """Rows [r0, r1) into out (flat fp32), from as many chunk files as they span; a missing chunk is zeros."""
         crow, ndim = self._chunk_rows(key)
         pos = 0
         for c in range(r0 // crow, (r1 - 1) // crow + 1):
@@ -429,7 +434,7 @@ def floor_merge(models: list[str], fishers: list[str] | None, weights: list[floa
     """The streaming floor: every input byte read once, the bf16 output written once, plain numpy.
 
     Without Fishers: Σ λ_i θ_i (λ normalised). With Fishers: Σ λ_i F_i θ_i / Σ λ_i F_i. Returns
-    the bytes read. Bounded memory: a few SLAB_ELEMS-sized fp32 buffers.
+    the bytes read. Bounded memory: a few FLOOR_SLAB_ELEMS-sized buffers.
     """
     refs = [_tensor_refs(Path(m)) for m in models]
     chunks = [_FisherChunks(Path(f)) for f in fishers] if fishers else None
@@ -450,8 +455,7 @@ def floor_merge(models: list[str], fishers: list[str] | None, weights: list[floa
     plan = []  # (key, rows, row elements, slab rows)
     for key in keys:
         rows, row = _rows(refs[0][key][3])
-        mult = chunks[0].rows_multiple(key) if chunks else 1
-        plan.append((key, rows, row, max(1, SLAB_ELEMS // (mult * row)) * mult))
+        plan.append((key, rows, row, max(1, FLOOR_SLAB_ELEMS // row)))
     cap = max(min(rows, step) * row for _, rows, row, step in plan)
     bits, u32 = np.empty(cap, dtype=np.uint16), np.empty(cap, dtype=np.uint32)
     num_buf = np.empty(cap, dtype=np.float32)
@@ -666,18 +670,18 @@ def standard_run(args) -> dict:
             "llama_config": inp.config,
             "model_gb_each": inp.model_bytes / len(inp.models) / GB,
             "fisher_gb_each": inp.fisher_bytes / len(inp.fishers) / GB,
+            "fisher_tensor_gb_each": inp.params * 4 / GB,
             "isotropic_input_gb": inp.model_bytes / GB,
             "fisher_input_gb": (inp.model_bytes + inp.fisher_bytes) / GB,
         },
         "runs": {},
     }
     runs: dict[str, list[dict]] = {}
-    have_merge, why = fishmerge_merge_available()
+    have_merge, why = (False, "--skip-fishmerge") if args.skip_fishmerge else fishmerge_merge_available()
     if not have_merge:
         print(f"[fishmerge] SKIPPED: `fishmerge merge --help` failed ({why})", file=sys.stderr)
-        results["runs"]["fishmerge_isotropic"] = results["runs"]["fishmerge_fisher"] = {
-            "skipped": f"`fishmerge merge` not available yet: {why}"
-        }
+        reason = why if args.skip_fishmerge else f"`fishmerge merge` not available yet: {why}"
+        results["runs"]["fishmerge_isotropic"] = results["runs"]["fishmerge_fisher"] = {"skipped": reason}
     mk_ok = not args.skip_mergekit and MERGEKIT.exists()
     if not args.skip_mergekit and not MERGEKIT.exists():
         results["runs"]["mergekit_linear"] = {"skipped": f"{MERGEKIT} not found (see the script's docstring)"}
@@ -718,21 +722,26 @@ def standard_run(args) -> dict:
     return results
 
 
+RATIOS = (
+    ("fishmerge_isotropic", "mergekit_linear"),
+    ("fishmerge_fisher", "floor_fisher"),
+    ("fishmerge_isotropic", "floor_models"),
+    ("mergekit_linear", "floor_models"),
+)
+
+
 def ratios(r: dict) -> dict:
-    def wall(name):
+    """Wall-time ratios (the targets) and the same ratios of CPU time (steadier on a shared machine)."""
+
+    def get(name, what):
         x = r.get(name, {})
-        return x.get("wall_s") if x.get("rc") == 0 else None
+        return x.get(what) if x.get("rc") == 0 else None
 
-    def ratio(a, b):
-        wa, wb = wall(a), wall(b)
-        return wa / wb if wa and wb else None
-
-    out = {
-        "fishmerge_isotropic_over_mergekit_linear": ratio("fishmerge_isotropic", "mergekit_linear"),
-        "fishmerge_fisher_over_floor_fisher": ratio("fishmerge_fisher", "floor_fisher"),
-        "fishmerge_isotropic_over_floor_models": ratio("fishmerge_isotropic", "floor_models"),
-        "mergekit_linear_over_floor_models": ratio("mergekit_linear", "floor_models"),
-    }
+    out = {}
+    for what, suffix in (("wall_s", ""), ("cpu_s", "_cpu")):
+        for a, b in RATIOS:
+            va, vb = get(a, what), get(b, what)
+            out[f"{a}_over_{b}{suffix}"] = va / vb if va and vb else None
     for name, x in r.items():
         if "peak_rss_anon_over_limit" in x:
             out[f"{name}_peak_rss_anon_over_limit"] = x["peak_rss_anon_over_limit"]
@@ -820,14 +829,16 @@ def render_doc(data: dict) -> str:
             f"Inputs: {i['models']} synthetic `LlamaForCausalLM` checkpoints (hidden {i['llama_config']['hidden_size']}, "
             f"{i['llama_config']['num_hidden_layers']} layers, vocab {i['llama_config']['vocab_size']}, untied; "
             f"{i['params'] / 1e6:.0f} M params, {i['model_gb_each']:.2f} GB bf16 each) with fp32 Fisher stores "
-            f"({i['fisher_gb_each']:.2f} GB each): {i['isotropic_input_gb']:.2f} GB to read for isotropic/linear, "
+            f"({i['fisher_gb_each']:.2f} GB each on disk, of which {i['fisher_tensor_gb_each']:.2f} GB tensor data; the "
+            "rest is Zarr's padding of each array's last row chunk to a full chunk, which the floor skips): "
+            f"{i['isotropic_input_gb']:.2f} GB to read for isotropic/linear, "
             f"{i['fisher_input_gb']:.2f} GB for fisher. One output model (target m0). Memory limit "
             f"`{s['memory_limit']}` ({s['memory_limit_bytes'] / GB:.1f} GB). Peak memory = peak RssAnon of the "
             "process and its children, sampled every 50 ms. mergekit: "
             f"{s.get('mergekit') or 'not run'}.",
             "",
-            "| step | input GB | wall s | read GB/s | peak RssAnon GB | ÷ memory limit |",
-            "|---|---|---|---|---|---|",
+            "| step | input GB | wall s | CPU s | read GB/s | peak RssAnon GB | ÷ memory limit |",
+            "|---|---|---|---|---|---|---|",
         ]
         labels = {
             "floor_models": "floor, models only (numpy, read once, write once)",
@@ -841,13 +852,13 @@ def render_doc(data: dict) -> str:
             if r is None:
                 continue
             if "skipped" in r:
-                lines.append(f"| {label} | — | skipped: {r['skipped']} | | | |")
+                lines.append(f"| {label} | — | skipped: {r['skipped']} | | | | |")
                 continue
             wall = _f(r["wall_s"], "{:.1f}") + ("" if r["rc"] == 0 else f" (FAILED rc={r['rc']})")
             if len(r.get("all_wall_s", [])) > 1:
                 wall += " (" + ", ".join(f"{w:.1f}" for w in r["all_wall_s"]) + ")"
             lines.append(
-                f"| {label} | {r['input_gb']:.2f} | {wall} | {r['read_gb_per_s']:.2f} | "
+                f"| {label} | {r['input_gb']:.2f} | {wall} | {r['cpu_s']:.1f} | {r['read_gb_per_s']:.2f} | "
                 f"{r['peak_rss_anon_gb']:.2f} | {r['peak_rss_anon_over_limit']:.2f} |"
             )
         q = s["ratios"]
@@ -855,21 +866,25 @@ def render_doc(data: dict) -> str:
         fis_fl = q.get("fishmerge_fisher_over_floor_fisher")
         lines += [
             "",
-            "| ratio | value | target |",
-            "|---|---|---|",
-            f"| fishmerge isotropic ÷ mergekit linear | {_f(iso_mk)} | ≤ 1.00 "
+            "| ratio | wall | CPU time | target (wall) |",
+            "|---|---|---|---|",
+            f"| fishmerge isotropic ÷ mergekit linear | {_f(iso_mk)} | "
+            f"{_f(q.get('fishmerge_isotropic_over_mergekit_linear_cpu'))} | ≤ 1.00 "
             + ("" if iso_mk is None else ("✔" if iso_mk <= 1 else "✘"))
             + " |",
-            f"| fishmerge fisher ÷ floor (fisher input) | {_f(fis_fl)} | ≤ 1.50 "
+            f"| fishmerge fisher ÷ floor (fisher input) | {_f(fis_fl)} | "
+            f"{_f(q.get('fishmerge_fisher_over_floor_fisher_cpu'))} | ≤ 1.50 "
             + ("" if fis_fl is None else ("✔" if fis_fl <= 1.5 else "✘"))
             + " |",
-            f"| fishmerge isotropic ÷ floor (models) | {_f(q.get('fishmerge_isotropic_over_floor_models'))} | |",
-            f"| mergekit linear ÷ floor (models) | {_f(q.get('mergekit_linear_over_floor_models'))} | |",
+            f"| fishmerge isotropic ÷ floor (models) | {_f(q.get('fishmerge_isotropic_over_floor_models'))} | "
+            f"{_f(q.get('fishmerge_isotropic_over_floor_models_cpu'))} | |",
+            f"| mergekit linear ÷ floor (models) | {_f(q.get('mergekit_linear_over_floor_models'))} | "
+            f"{_f(q.get('mergekit_linear_over_floor_models_cpu'))} | |",
         ]
         for key in ("fishmerge_isotropic", "fishmerge_fisher"):
             v = q.get(f"{key}_peak_rss_anon_over_limit")
             lines.append(
-                f"| {key.replace('_', ' ')} peak RssAnon ÷ memory limit | {_f(v)} | ≤ 1.00 "
+                f"| {key.replace('_', ' ')} peak RssAnon ÷ memory limit | {_f(v)} | | ≤ 1.00 "
                 + ("" if v is None else ("✔" if v <= 1 else "✘"))
                 + " |"
             )
@@ -887,7 +902,7 @@ def render_doc(data: dict) -> str:
             f"{i['fisher_gb_each']:.2f} GB = {i['fisher_input_gb']:.1f} GB of input on a {i['ram_gb']:.1f} GB machine, "
             f"`fishmerge merge` method fisher, `memory_limit: {b['memory_limit']}`: "
             + ("**completed**" if r["rc"] == 0 else f"**FAILED** (rc {r['rc']})")
-            + f" in {r['wall_s']:.0f} s ({r['read_gb_per_s']:.2f} GB/s read), peak RssAnon "
+            + f" in {r['wall_s']:.0f} s (CPU {r['cpu_s']:.0f} s; {r['read_gb_per_s']:.2f} GB/s read), peak RssAnon "
             f"{r['peak_rss_anon_gb']:.2f} GB ({r['peak_rss_anon_over_limit']:.2f} × the limit), "
             f"output {r['output_gb']:.2f} GB.",
             "",
@@ -915,13 +930,13 @@ def write_doc(data: dict) -> None:
 
 def print_table(res: dict) -> None:
     rows = res.get("runs") or {"big_fishmerge_fisher": res.get("fishmerge_fisher", {})}
-    print(f"{'step':<22} {'input GB':>9} {'wall s':>8} {'GB/s':>6} {'RssAnon GB':>11} {'÷ limit':>8}  rc")
+    print(f"{'step':<22} {'input GB':>9} {'wall s':>8} {'CPU s':>7} {'GB/s':>6} {'RssAnon GB':>11} {'÷ limit':>8}  rc")
     for name, r in rows.items():
         if "skipped" in r:
             print(f"{name:<22} skipped: {r['skipped']}")
             continue
         print(
-            f"{name:<22} {r['input_gb']:>9.2f} {r['wall_s']:>8.1f} {r['read_gb_per_s']:>6.2f} "
+            f"{name:<22} {r['input_gb']:>9.2f} {r['wall_s']:>8.1f} {r['cpu_s']:>7.1f} {r['read_gb_per_s']:>6.2f} "
             f"{r['peak_rss_anon_gb']:>11.2f} {r['peak_rss_anon_over_limit']:>8.2f}  {r['rc']}"
         )
     for k, v in (res.get("ratios") or {}).items():
@@ -939,8 +954,9 @@ def self_check() -> None:
     import lib.fisher_store as fs
     from lib.checkpoint import model_fingerprint
 
-    global SHARD_BYTES, SLAB_ELEMS
-    SHARD_BYTES, SLAB_ELEMS = 200_000, 4096  # several shards and many slabs on a tiny model
+    global SHARD_BYTES, GEN_SLAB_ELEMS, FLOOR_SLAB_ELEMS
+    saved = SHARD_BYTES, GEN_SLAB_ELEMS, FLOOR_SLAB_ELEMS
+    SHARD_BYTES, GEN_SLAB_ELEMS, FLOOR_SLAB_ELEMS = 200_000, 4096, 700  # many shards/slabs, unaligned
     old_chunk = fs.CHUNK_ELEMS
     fs.CHUNK_ELEMS = 1000  # several Fisher chunks per tensor, with a partial last chunk
     try:
@@ -998,6 +1014,7 @@ def self_check() -> None:
         shutil.rmtree(tmp)
     finally:
         fs.CHUNK_ELEMS = old_chunk
+        SHARD_BYTES, GEN_SLAB_ELEMS, FLOOR_SLAB_ELEMS = saved
     print("self-check ok: checkpoint layout, bf16 shards + index, Fisher stores, both floors match the oracle")
 
 
@@ -1014,6 +1031,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="rounds of every step (best wall kept)")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--skip-floor", action="store_true")
+    ap.add_argument("--skip-fishmerge", action="store_true", help="only the floor and mergekit")
     ap.add_argument("--big", action="store_true", help="the larger-than-RAM fisher merge (≈36 GB of inputs)")
     ap.add_argument("--keep", action="store_true", help="keep --big inputs and merge outputs")
     ap.add_argument("--warm-cache", action="store_true", help="do not evict inputs from the page cache")
