@@ -76,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dask-address", help="run merge blocks on this Dask scheduler (output on shared storage)")
             p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    r = sub.add_parser("run", help="the pipeline: Fishers, λ search, merge, evaluation, MLflow registration")
+    r.add_argument("config", help="pipeline config (YAML): a merge config plus search/evaluate/register/mlflow")
+    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    for name, helptext in (
+        ("promote", "make a registered version the champion"),
+        ("history", "list registered versions"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("name", help="registered model name")
+        p.add_argument(
+            "--tracking-uri", help="MLflow tracking URI (env MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db)"
+        )
+        if name == "promote":
+            p.add_argument("--version", help="version to promote (default: the challenger)")
+
     i = sub.add_parser("inspect", help="print a Fisher store's attributes and per-tensor statistics")
     i.add_argument("store", help="a Fisher store (local path or s3:// URI)")
     return parser
@@ -187,12 +202,72 @@ def _cmd_merge(args: argparse.Namespace) -> str:
         threads=args.threads,
         progress=not args.no_progress,
     )
+    if summary.get("reused"):
+        print(
+            f"merge: {summary['output']} already holds this exact merge (plan {summary['plan_id']}): reused",
+            file=sys.stderr,
+        )
+        return summary["output"]
     print(
         f"merge: {summary['method']} → {summary['output']} in {summary['wall_s']:.1f}s "
         f"({summary['bytes_written'] / 1e6:.1f} MB written, {summary['blocks_resumed']} block(s) resumed)",
         file=sys.stderr,
     )
     return summary["output"]
+
+
+def _cmd_run(args: argparse.Namespace) -> str:
+    from lib.merge_config import load_merge_config
+
+    load_merge_config(args.config)  # config errors before any flow machinery starts
+    from flows.pipeline import run_pipeline
+
+    out = run_pipeline(args.config, progress=not args.no_progress)
+    from lib.pipeline_report import results_table
+
+    lines = ["λ: " + ", ".join(f"{n}={w:.3f}" for n, w in out["weights"].items())]
+    if out["results"]:
+        lines.append(results_table(out["results"]))
+    for name, d in out["decisions"].items():
+        lines.append(f"{name}: version {d['version']} {d['decision']} ({d['reason']})")
+    lines.append(f"report: {out['report']}")
+    print("\n".join(lines), file=sys.stderr)
+    return out["output"]
+
+
+def _registry(args: argparse.Namespace) -> None:
+    from lib import registry
+
+    uri = registry.tracking_uri(args.tracking_uri)
+    registry.check_reachable(uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+
+
+def _cmd_promote(args: argparse.Namespace) -> str:
+    from lib import registry
+
+    _registry(args)
+    d = registry.promote(args.name, args.version)
+    return f"{args.name}: version {d['version']} is champion ({d.get('reason', 'promoted by hand')})"
+
+
+def _cmd_history(args: argparse.Namespace) -> str:
+    from lib import registry
+
+    _registry(args)
+    rows = registry.history(args.name)
+    if not rows:
+        raise FishmergeError(f"no registered model '{args.name}' (or it has no versions)")
+    lines = [f"{'version':>7}  {'aliases':<22} {'decision':<17} {'created':<20} metrics / lineage"]
+    for r in rows:
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(r["metrics"].items()))
+        lines.append(
+            f"{r['version']:>7}  {','.join(r['aliases']) or '-':<22} {str(r.get('decision') or '-'):<17} "
+            f"{str(r['created'])[:19]:<20} {metrics} [{str(r.get('lineage'))[:12]}]"
+        )
+    return "\n".join(lines)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> str:
@@ -209,9 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # slow, busy machines
     args = build_parser().parse_args(argv)
     try:
-        result = {"fisher": _cmd_fisher, "inspect": _cmd_inspect, "plan": _cmd_plan, "merge": _cmd_merge}[args.command](
-            args
-        )
+        result = {
+            "fisher": _cmd_fisher,
+            "inspect": _cmd_inspect,
+            "plan": _cmd_plan,
+            "merge": _cmd_merge,
+            "run": _cmd_run,
+            "promote": _cmd_promote,
+            "history": _cmd_history,
+        }[args.command](args)
     except FishmergeError as exc:
         print(f"fishmerge: error: {exc}", file=sys.stderr)
         return 2

@@ -59,6 +59,59 @@ class FisherConfig(_Strict):
     store_root: str | None = None  # default: ./.fishmerge/fishers of the working directory
 
 
+class SearchConfig(_Strict):
+    """λ search on validation data: a grid for 2 models, Dirichlet samples for more."""
+
+    strategy: Literal["grid", "dirichlet"] | None = None  # default: grid for 2 models, dirichlet for K > 2
+    points: int = 11  # grid points, or Dirichlet samples (plus the uniform λ)
+    split: str = "validation"
+    metric: str = "accuracy"
+    limit: int | None = 500  # examples per task scored for each candidate
+    seed: int = 0
+    workers: int = 1  # candidates scored at once (threads, each with its own model copies)
+
+    @field_validator("points")
+    @classmethod
+    def _points(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"points must be ≥ 2, got {v}")
+        return v
+
+
+class EvaluateConfig(_Strict):
+    """Evaluation of the merged models and the baselines on each task's evaluation split."""
+
+    split: str | None = None  # default: each model's data.eval_split
+    metrics: list[Literal["accuracy", "f1"]] = Field(default_factory=lambda: ["accuracy", "f1"])
+    baselines: list[Literal["originals", "isotropic", "ensemble"]] = Field(
+        default_factory=lambda: ["originals", "isotropic", "ensemble"]
+    )
+    limit: int | None = None  # examples per task (default: the whole split)
+    batch_size: int = 32
+    max_length: int = 128
+
+
+class PromoteConfig(_Strict):
+    metric: str  # e.g. rte/accuracy
+    min_delta: float = 0.0
+    guard: dict[str, float] = Field(default_factory=dict)  # metric -> allowed change (e.g. -0.01)
+
+
+class RegisterConfig(_Strict):
+    name: str  # one registered model per target: <name>, or <name>-<target> for several targets
+    promote: PromoteConfig | None = None
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str | None = None  # env MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db
+    experiment: str | None = None  # default: the config's name
+
+
+class ExecutionConfig(_Strict):
+    dask_address: str | None = None
+    device: str = "auto"
+
+
 class MergeConfig(_Strict):
     name: str
     method: str = "fisher"
@@ -72,6 +125,12 @@ class MergeConfig(_Strict):
     shard_size: int = 2 * 10**9
     scale: float = 1.0  # task_arithmetic / ties: base + scale · merged task vector
     density: float = 0.2  # ties: fraction of each task vector kept
+    # The pipeline (`fishmerge run`): all optional; `fishmerge merge` ignores them.
+    search: SearchConfig | None = None
+    evaluate: EvaluateConfig | None = None
+    register: RegisterConfig | None = None
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     @field_validator("density")
     @classmethod
@@ -173,7 +232,7 @@ def load_merge_config(path: str | Path) -> MergeConfig:
 
 def _resolve_paths(cfg: MergeConfig, root: Path) -> MergeConfig:
     def fix(value: str | None) -> str | None:
-        if value is None or "://" in value or Path(value).is_absolute():
+        if value is None or "://" in value or value.startswith("models:/") or Path(value).is_absolute():
             return value
         return str((root / value).resolve())
 

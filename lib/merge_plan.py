@@ -360,6 +360,29 @@ def build_plan(
     return plan
 
 
+def plan_from_config(
+    config: str,
+    fishers: dict[str, str] | None = None,
+    *,
+    weights: dict[str, float] | list[float] | None = None,
+    method: str | None = None,
+    **options,
+) -> MergePlan:
+    """Load a config and plan it, optionally with other λ (a search candidate) or another method."""
+    from lib.merge_config import load_merge_config
+
+    cfg = load_merge_config(config)
+    if method:
+        cfg.method = method
+    if isinstance(weights, dict):
+        for m in cfg.models:
+            m.weight = float(weights.get(m.name, m.weight))
+    elif weights is not None:
+        for m, w in zip(cfg.models, weights):
+            m.weight = float(w)
+    return build_plan(cfg, fishers, **options)
+
+
 def plan_identity(plan: MergePlan, dtype: str) -> str:
     """Hash of what determines the output bytes (inputs by content, method, options, λ, layout)."""
     key = {
@@ -382,9 +405,24 @@ def plan_identity(plan: MergePlan, dtype: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_output_path(plan: MergePlan, overwrite: bool) -> None:
-    """The output must not exist (unless overwrite) and its disk must hold the new output."""
+def identical_output_exists(plan: MergePlan) -> bool:
+    """The output folder holds exactly this plan's result already (same inputs, method, options, λ)."""
     out = Path(plan.output)
+    for t in plan.targets:
+        try:
+            record = json.loads((out / t.name / "fishmerge.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        if record.get("plan_id") != plan.plan_id:
+            return False
+    return True
+
+
+def check_output_path(plan: MergePlan, overwrite: bool) -> None:
+    """The output must not exist (unless overwrite, or it is this very merge) and its disk must hold it."""
+    out = Path(plan.output)
+    if identical_output_exists(plan):
+        return
     if out.exists() and not overwrite:
         raise FishmergeError(
             f"the output '{out}' already exists: choose another `output:`, or pass --overwrite to replace it"

@@ -12,16 +12,12 @@ from lib.errors import FishmergeError
 
 
 def _plan(config: str, fishers: dict[str, str], options: dict):
-    from lib.merge_config import load_merge_config
-    from lib.merge_plan import build_plan
+    from lib.merge_plan import plan_from_config
 
-    cfg = load_merge_config(config)
-    for m in cfg.models:
-        if options.get("weights") and m.name in options["weights"]:
-            m.weight = float(options["weights"][m.name])
-    return build_plan(
-        cfg,
+    return plan_from_config(
+        config,
         fishers,
+        weights=options.get("weights"),
         shard_size=options.get("shard_size"),
         threads=options.get("threads"),
         overwrite=options.get("overwrite", False),

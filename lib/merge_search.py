@@ -1,0 +1,230 @@
+"""Choose λ on validation data: merge each candidate in memory with the plan's method, score it.
+
+Candidates are a grid for two models (λ₁ = 0, 1/(p−1), …, 1) and Dirichlet(1, …, 1) samples
+plus the uniform λ for more. Each candidate is merged with the same method classes the
+out-of-core executor uses (whole tensors, fp32), loaded into each target's model with its own
+head, and scored on that target's task; the candidate's score is the mean over targets. The
+first best candidate wins ties. Needs the models and Fishers in memory (search is for models
+that fit; the final merge is out of core).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lib.errors import FishmergeError
+from lib.evaluate import class_probabilities, classification_metrics, label_ids, load_eval_rows
+from lib.merge_config import MergeConfig
+from lib.merge_plan import MergePlan
+from lib.safetensors_io import read_rows
+
+
+def candidates(k: int, strategy: str | None, points: int, seed: int = 0) -> list[list[float]]:
+    """λ vectors to try: a grid for 2 models, Dirichlet samples (and the uniform λ) for K > 2."""
+    strategy = strategy or ("grid" if k == 2 else "dirichlet")
+    if strategy == "grid":
+        if k != 2:
+            raise FishmergeError(f"search.strategy grid is for 2 models; this merge has {k}: use dirichlet")
+        return [[float(w), float(1 - w)] for w in np.linspace(0.0, 1.0, points)]
+    rng = np.random.default_rng(seed)
+    out = [[1.0 / k] * k]
+    out += [[float(x) for x in rng.dirichlet(np.ones(k))] for _ in range(points)]
+    return out
+
+
+@dataclass
+class MergeInputs:
+    """The merged tensors of every model (and Fishers, base) in memory, fp32, with per-merge context."""
+
+    thetas: list[dict[str, np.ndarray]]
+    fishers: list[dict[str, np.ndarray]] | None
+    base: dict[str, np.ndarray] | None
+    context: dict
+
+    @property
+    def nbytes(self) -> int:
+        parts = [*self.thetas, *(self.fishers or []), *([self.base] if self.base else [])]
+        return sum(v.nbytes for d in parts for v in d.values())
+
+
+def load_inputs(plan: MergePlan) -> MergeInputs:
+    """Read the shared tensors of every model (and Fishers, base) once, for many candidate merges."""
+    from lib.fisher_store import open_fisher_store
+    from lib.merge_exec import ties_thresholds_streaming
+
+    def full(ref):
+        return read_rows(ref, 0, ref.rows).reshape(ref.shape)
+
+    thetas = [{k: full(m.refs[k]) for k in plan.shared} for m in plan.models]
+    fishers = None
+    if plan.merge_method.needs_fisher:
+        fishers = []
+        for m in plan.models:
+            group = open_fisher_store(m.fisher)
+            f = {k: np.asarray(group[k][...], dtype=np.float32) for k in plan.shared}
+            bad = [k for k, v in f.items() if not np.isfinite(v).all()]
+            if bad:
+                raise FishmergeError(f"the Fisher store '{m.fisher}' of model '{m.name}' holds NaN/Inf in {bad[:3]}")
+            fishers.append(f)
+    base = {k: full(plan.base.refs[plan.base_keys[k]]) for k in plan.shared} if plan.base else None
+    context: dict = {}
+    if fishers is not None and plan.options.normalize:
+        context["fisher_norms"] = [
+            math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in f.values())) for f in fishers
+        ]
+    if plan.method == "ties":
+        context["ties_thresholds"] = ties_thresholds_streaming(plan, None, False)
+    return MergeInputs(thetas, fishers, base, context)
+
+
+def merge_in_memory(plan: MergePlan, inputs: MergeInputs, weights: list[float], target: int) -> dict[str, np.ndarray]:
+    """The merged shared tensors for one target and one λ (the executor's formula on whole tensors)."""
+    method = plan.merge_method
+    lam = method.check_weights(weights)
+    options = copy.copy(plan.options)
+    options.fisher_norms = inputs.context.get("fisher_norms")
+    out = {}
+    for key in plan.shared:
+        kwargs: dict = {"options": options, "target": target}
+        if inputs.fishers is not None:
+            kwargs["fishers"] = [f[key] for f in inputs.fishers]
+        if inputs.base is not None:
+            kwargs["base"] = inputs.base[key]
+        if plan.method == "ties":
+            kwargs["context"] = {"ties_thresholds": inputs.context["ties_thresholds"][key]}
+        out[key] = method.merge([t[key] for t in inputs.thetas], lam, **kwargs)
+    return out
+
+
+@dataclass
+class TaskData:
+    """One target's task: its rows, labels and how to read them."""
+
+    name: str
+    rows: list[dict]
+    labels: np.ndarray
+    text_fields: list[str]
+
+
+def task_data(cfg: MergeConfig, target: str, split: str | None, limit: int | None, label2id: dict | None) -> TaskData:
+    """The evaluation rows of a target's task (its `data:`), first `limit` rows of `split`."""
+    m = next(m for m in cfg.models if m.name == target)
+    if m.data is None or not m.data.label_field:
+        raise FishmergeError(f"model '{target}' has no `data:` with a label_field: cannot evaluate or search λ for it")
+    split = split or m.data.eval_split
+    rows = load_eval_rows(m.data.path, split, m.data.text_fields, m.data.label_field, limit)
+    return TaskData(target, rows, label_ids(rows, m.data.label_field, label2id), list(m.data.text_fields))
+
+
+def load_state(model: torch.nn.Module, tensors: dict[str, np.ndarray]) -> None:
+    """Put checkpoint-keyed fp32 arrays into a model (cast to its dtype); every key must land."""
+    state = model.state_dict()
+    missing = [k for k in tensors if k not in state]
+    if missing:
+        raise FishmergeError(f"merged tensors {missing[:3]} are not parameters of {type(model).__name__}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            state[k].copy_(torch.from_numpy(np.ascontiguousarray(v)).to(state[k].dtype))
+
+
+class Scorer:
+    """Targets' models (own heads) and tasks, ready to score merged tensors or whole models."""
+
+    def __init__(
+        self,
+        cfg: MergeConfig,
+        plan: MergePlan,
+        split: str | None,
+        limit: int | None,
+        device: str,
+        batch_size: int = 32,
+        max_length: int = 128,
+    ):
+        from lib.checkpoint import load_model
+
+        self.plan = plan
+        self.models, self.tokenizers, self.tasks = {}, {}, {}
+        for t in plan.targets:
+            model, tok = load_model(plan.models[t.index].path, device=device)
+            model.eval()
+            self.models[t.name], self.tokenizers[t.name] = model, tok
+            self.tasks[t.name] = task_data(cfg, t.name, split, limit, getattr(model.config, "label2id", None))
+        self.device = device
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def probabilities(self, target: str, model: torch.nn.Module | None = None) -> np.ndarray:
+        task = self.tasks[target]
+        m = model or self.models[target]
+        return class_probabilities(
+            m,
+            self.tokenizers[target],
+            task.rows,
+            task.text_fields,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            device=next(m.parameters()).device,
+            progress=False,
+        )
+
+    def metrics(self, target: str, probs: np.ndarray, names: list[str]) -> dict[str, float]:
+        return classification_metrics(probs, self.tasks[target].labels, names)
+
+    def copy(self) -> Scorer:
+        other = copy.copy(self)
+        other.models = {k: copy.deepcopy(v) for k, v in self.models.items()}
+        return other
+
+
+def score_candidate(scorer: Scorer, inputs: MergeInputs, weights: list[float], metric: str) -> dict:
+    """Merge with λ = weights for every target, score each on its task; the mean is the candidate's score."""
+    per_task = {}
+    for t in scorer.plan.targets:
+        load_state(scorer.models[t.name], merge_in_memory(scorer.plan, inputs, weights, t.index))
+        per_task[t.name] = scorer.metrics(t.name, scorer.probabilities(t.name), [metric])[metric]
+    return {
+        "weights": [float(w) for w in weights],
+        "score": float(np.mean(list(per_task.values()))),
+        "per_task": per_task,
+    }
+
+
+def search(
+    scorer: Scorer,
+    inputs: MergeInputs,
+    lambdas: list[list[float]],
+    metric: str,
+    workers: int = 1,
+    progress: bool = True,
+    desc: str = "λ search",
+) -> dict:
+    """Score every candidate; returns {'candidates': [...], 'best': index of the first best}."""
+    bar = tqdm(total=len(lambdas), desc=desc, unit="cand", disable=not progress)
+    if workers <= 1:
+        results = []
+        for lam in lambdas:
+            results.append(score_candidate(scorer, inputs, lam, metric))
+            bar.update(1)
+    else:
+        scorers = [scorer] + [scorer.copy() for _ in range(workers - 1)]
+        chunks = [lambdas[i::workers] for i in range(workers)]
+
+        def run(i: int) -> list[tuple[int, dict]]:
+            out = []
+            for j, lam in enumerate(chunks[i]):
+                out.append((i + j * workers, score_candidate(scorers[i], inputs, lam, metric)))
+                bar.update(1)
+            return out
+
+        with ThreadPoolExecutor(workers) as pool:
+            flat = [r for part in pool.map(run, range(workers)) for r in part]
+        results = [r for _, r in sorted(flat, key=lambda x: x[0])]
+    bar.close()
+    scores = [r["score"] for r in results]
+    return {"candidates": results, "best": int(np.argmax(scores)), "metric": metric}

@@ -1,0 +1,125 @@
+"""The pipeline's report: a markdown summary and the plots ops look at (λ curve, per-task bars)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+KINDS = ["merged", "isotropic", "originals", "ensemble"]
+
+
+def plot_lambda_curve(searches: dict[str, dict], model_names: list[str], path: Path) -> Path:
+    """Search metric against λ of the first model (2 models) or per candidate (more)."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, s in searches.items():
+        cands = s["candidates"]
+        if len(model_names) == 2:
+            xs = [c["weights"][0] for c in cands]
+            ax.plot(xs, [c["score"] for c in cands], marker="o", label=label)
+            best = cands[s["best"]]
+            ax.scatter([best["weights"][0]], [best["score"]], s=120, facecolors="none", edgecolors="black")
+            ax.set_xlabel(f"λ of {model_names[0]} (λ of {model_names[1]} = 1 − λ)")
+        else:
+            ax.plot(range(len(cands)), [c["score"] for c in cands], marker="o", linestyle="", label=label)
+            ax.set_xlabel("candidate (0 = uniform λ)")
+    ax.set_ylabel(f"mean {next(iter(searches.values()))['metric']} (search split)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_task_bars(results: dict[str, dict[str, float]], metric: str, path: Path) -> Path:
+    """One group of bars per task: merged against each baseline, on `metric`."""
+    kinds = [k for k in KINDS if results.get(k)]
+    tasks = sorted({key.split("/")[0] for key in results["merged"]})
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 3.6))
+    width = 0.8 / max(len(kinds), 1)
+    for i, kind in enumerate(kinds):
+        values = [results[kind].get(f"{t}/{metric}", float("nan")) for t in tasks]
+        bars = ax.bar([x + i * width for x in range(len(tasks))], values, width, label=kind)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks([x + width * (len(kinds) - 1) / 2 for x in range(len(tasks))], tasks)
+    ax.set_ylabel(metric)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8, ncol=len(kinds), loc="lower center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def results_table(results: dict[str, dict[str, float]]) -> str:
+    """Markdown table: each task/metric × merged and baselines."""
+    kinds = [k for k in KINDS if results.get(k)]
+    keys = sorted(results["merged"])
+    lines = ["| task/metric | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for key in keys:
+        cells = [f"{results[k][key]:.4f}" if key in results[k] else "—" for k in kinds]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def candidates_table(search: dict, model_names: list[str]) -> str:
+    lines = [
+        "| # | " + " | ".join(f"λ {n}" for n in model_names) + f" | {search['metric']} |",
+        "|---" * (len(model_names) + 2) + "|",
+    ]
+    for i, c in enumerate(search["candidates"]):
+        mark = " **best**" if i == search["best"] else ""
+        lines.append(f"| {i} | " + " | ".join(f"{w:.3f}" for w in c["weights"]) + f" | {c['score']:.4f}{mark} |")
+    return "\n".join(lines)
+
+
+def report_markdown(
+    name: str,
+    method: str,
+    model_names: list[str],
+    weights: list[float],
+    results: dict[str, dict[str, float]],
+    searches: dict[str, dict],
+    decisions: dict[str, dict],
+    outputs: dict[str, str],
+    plots: list[str],
+) -> str:
+    """The pipeline run as one page: chosen λ, the results table, promotion decisions, candidates."""
+    lam = ", ".join(f"{n}={w:.3f}" for n, w in zip(model_names, weights))
+    decision_rows = (
+        "\n".join(
+            f"| {model} | v{d.get('version')} | {d.get('decision')} | {d.get('reason')} |"
+            for model, d in decisions.items()
+        )
+        or "| — | — | not registered | — |"
+    )
+    out_rows = "\n".join(f"| {t} | `{p}` |" for t, p in outputs.items())
+    cand = "\n\n".join(f"### {label}\n{candidates_table(s, model_names)}" for label, s in searches.items())
+    pics = "\n".join(f"- `{p}`" for p in plots)
+    return f"""# fishmerge pipeline: {name}
+
+Method **{method}**, chosen λ: {lam}.
+
+## Results
+{results_table(results)}
+
+## Registry and promotion
+| registered model | version | decision | reason |
+|---|---|---|---|
+{decision_rows}
+
+## Merged models
+| target | folder |
+|---|---|
+{out_rows}
+
+## λ candidates
+{cand}
+
+## Plots
+{pics}
+"""
