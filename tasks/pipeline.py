@@ -163,6 +163,7 @@ def pipeline_report(
     """report.md and PNGs beside the merged folders, Prefect markdown + table artifacts, MLflow artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+    from lib import storage
     from lib.fisher_report import plot_layer_mass, tensor_stats
     from lib.merge_config import load_merge_config
     from lib.pipeline_report import plot_lambda_curve, plot_task_bars, report_markdown
@@ -183,6 +184,17 @@ def pipeline_report(
         cfg.name, cfg.method, names, weights, results, searches, tracked.get("decisions", {}), merged_dirs, plots
     )
     (out / "report.md").write_text(md)
+    summary = {
+        "name": cfg.name,
+        "method": cfg.method,
+        "weights": dict(zip(names, weights)),
+        "results": results,
+        "searches": searches,
+        "decisions": tracked.get("decisions", {}),
+        "fishers": fishers,
+        "run_id": tracked.get("run_id"),
+    }
+    storage.write_json(str(out / "pipeline.json"), summary)
     create_markdown_artifact(
         key=_artifact_key(cfg.name, "report"), markdown=md, description="fishmerge pipeline report"
     )
