@@ -67,8 +67,10 @@ class Isotropic(MergeMethod):
 
     def merge(self, thetas, weights, **_):
         out = np.zeros(thetas[0].shape, dtype=np.float32)
+        scratch = np.empty(thetas[0].shape, dtype=np.float32)
         for w, t in zip(weights, thetas):
-            out += np.float32(w) * t.astype(np.float32, copy=False)
+            np.multiply(t, np.float32(w), out=scratch)
+            out += scratch
         return out
 
 
@@ -96,13 +98,20 @@ class Fisher(MergeMethod):
         anchor = thetas[target].astype(np.float32, copy=False)
         num = np.zeros(anchor.shape, dtype=np.float32)
         den = np.zeros(anchor.shape, dtype=np.float32)
+        wf = np.empty(anchor.shape, dtype=np.float32)  # scratch buffers: few passes over memory per model
+        diff = np.empty(anchor.shape, dtype=np.float32)
         for i, (w, t, f) in enumerate(zip(lam, thetas, fishers)):
-            f = f.astype(np.float32, copy=False)
             if not opt.favor_target or i == target:
-                f = np.maximum(f, np.float32(opt.floor))
-            wf = np.float32(w) * f
-            num += wf * (t.astype(np.float32, copy=False) - anchor)
+                np.maximum(f, np.float32(opt.floor), out=wf)
+                wf *= np.float32(w)
+            else:
+                np.multiply(f, np.float32(w), out=wf)
             den += wf
+            if i == target:
+                continue  # θ_target − anchor = 0
+            np.subtract(t, anchor, out=diff)
+            diff *= wf
+            num += diff
         # Σλ·F̃ = 0 happens with favor_target when the target's λ is 0 and no other model has mass
         # there (e.g. vocabulary rows never seen): keep the target's value instead of 0/0.
         return anchor + np.divide(num, den, out=np.zeros_like(num), where=den > 0)
