@@ -811,6 +811,17 @@ def _f(x, fmt="{:.2f}") -> str:
     return "—" if x is None else fmt.format(x)
 
 
+def _spread(runs: dict) -> str:
+    """How much one step's wall time varied between rounds (the machine's noise, in words)."""
+    spreads = [max(r["all_wall_s"]) / min(r["all_wall_s"]) for r in runs.values() if len(r.get("all_wall_s", [])) > 1]
+    return f": wall times of one step varied by up to {max(spreads):.2f}× between rounds" if spreads else ""
+
+
+def _rounds(runs: dict) -> str:
+    n = max((len(r.get("all_wall_s", [])) for r in runs.values()), default=1)
+    return f"{n} rounds (steps interleaved)" if n > 1 else "1 round"
+
+
 def render_doc(data: dict) -> str:
     """The 'Merge throughput' section of docs/benchmarks.md, from the JSON results."""
     lines = [DOC_BEGIN, "## Merge throughput (`benchmarks/merge_throughput.py`)", ""]
@@ -824,7 +835,9 @@ def render_doc(data: dict) -> str:
             "",
             f"Run {s['date']} on {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, no GPU — a **shared** "
             f"machine (other agents' jobs were running: load average {s['load_avg_start'][0]:.1f} at the start, "
-            f"{s['load_avg_end'][0]:.1f} at the end), so single timings carry ±15 % noise. Page cache: {s['cache']}.",
+            f"{s['load_avg_end'][0]:.1f} at the end){_spread(s['runs'])}. CPU time (user + sys of the step's "
+            "processes) is the steadier measure there; wall time includes waiting for other jobs. Best wall time "
+            f"of {_rounds(s['runs'])} shown, all rounds in brackets. Page cache: {s['cache']}.",
             "",
             f"Inputs: {i['models']} synthetic `LlamaForCausalLM` checkpoints (hidden {i['llama_config']['hidden_size']}, "
             f"{i['llama_config']['num_hidden_layers']} layers, vocab {i['llama_config']['vocab_size']}, untied; "
@@ -1038,6 +1051,7 @@ def main() -> None:
     ap.add_argument("--inputs-only", action="store_true", help="generate (or check) the inputs and stop")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/ (JSON and markdown)")
     ap.add_argument("--self-check", action="store_true", help="check floor and generators on a tiny model")
+    ap.add_argument("--render-doc", action="store_true", help="rewrite the docs section from the JSON and stop")
     ap.add_argument("--floor-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.floor_worker:
@@ -1047,6 +1061,9 @@ def main() -> None:
         return
     if args.self_check:
         self_check()
+        return
+    if args.render_doc:
+        write_doc(json.loads(JSON_OUT.read_text()))
         return
     args.size_gb = args.size_gb or (6.0 if args.big else 1.1)
     args.models = args.models or (2 if args.big else 3)
