@@ -331,7 +331,8 @@ def make_inputs(size_gb: float, k: int, root: Path) -> Inputs:
     tag = f"llama-h{config.hidden_size}-l{config.num_hidden_layers}-v{VOCAB}"
     base = root / tag
     base.mkdir(parents=True, exist_ok=True)
-    need = k * params * (2 + 4) + params * 2 - sum(tree_bytes(p) for p in base.iterdir())
+    # models + Fishers (Zarr pads each array's last row chunk: up to ~25 % more) + one output model
+    need = k * params * (2 + 5) + params * 2 - sum(tree_bytes(p) for p in base.iterdir())
     free = shutil.disk_usage(base).free
     if need > free - 5 * GB:
         sys.exit(f"not enough disk under {base}: need ≈{need / GB:.1f} GB more, {free / GB:.1f} GB free")
