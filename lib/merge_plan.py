@@ -107,11 +107,22 @@ class MergePlan:
         return str(out.parent / f".{out.name}.staging-{self.plan_id}")
 
 
-def _base_prefix(architecture: str) -> str:
-    import transformers
+def _base_prefix(m: ModelInput) -> str:
+    """The body's key prefix (e.g. `bert`), read off the keys: the first component most tensors share.
 
-    cls = getattr(transformers, architecture, None)
-    return getattr(cls, "base_model_prefix", "") or ""
+    (Importing the transformers class for `base_model_prefix` costs seconds; the keys say it.)
+    """
+    if m.architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        return ""
+    counts: dict[str, int] = {}
+    for key in m.refs:
+        if "." in key:
+            head = key.split(".", 1)[0]
+            counts[head] = counts.get(head, 0) + 1
+    if not counts:
+        return ""
+    prefix, n = max(counts.items(), key=lambda kv: kv[1])
+    return prefix if n > len(m.refs) / 2 else ""
 
 
 def _is_head(key: str, architecture: str, prefix: str) -> bool:
@@ -226,7 +237,7 @@ def build_plan(
         raise _error(problems)
 
     # Shared tensors: in every model with one shape. A head differs in shape (labels) and stays per target.
-    prefixes = {m.name: _base_prefix(m.architecture) for m in models}
+    prefixes = {m.name: _base_prefix(m) for m in models}
     common = set.intersection(*(set(m.refs) for m in models))
     shared, mismatched = [], []
     for key in sorted(common, key=lambda k: list(models[0].refs).index(k)):
