@@ -265,7 +265,7 @@ def run_tasks(tasks: list, address: str | None, threads: int, desc: str, progres
 
             with Client(address, set_as_default=False) as client:
                 futures = client.compute(tasks)
-                for f in as_completed(futures):
+                for f in as_completed(futures, loop=client.loop):
                     f.result()
                     bar.update(1)
                 return [f.result() for f in futures]
