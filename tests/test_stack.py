@@ -1,0 +1,249 @@
+"""The production-like stack end to end: `deployments/stack.sh up` on free loopback ports, a deployment
+from prefect.yaml run by the stack's Prefect worker (once by hand, once by an interval schedule), MLflow
+and Dask answering, then `down` leaving no process behind."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from uuid import UUID
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+STACK = ROOT / "deployments" / "stack.sh"
+PREFECT = str(ROOT / ".venv" / "bin" / "prefect") if (ROOT / ".venv" / "bin" / "prefect").exists() else "prefect"
+
+# The deployment under test (a name in prefect.yaml) and how to deploy it. estimate-fisher lives on
+# pool `gpu`; the test stack runs a CPU worker only, so it is deployed onto `cpu` here.
+DEPLOYMENT = "estimate-fisher"
+FLOW = "estimate-fisher"
+DEPLOY_ARGS = ["--pool", "cpu"]
+RUN_TIMEOUT_S = 180  # bound on each flow run (the machine may be shared and loaded)
+
+
+def run_parameters(model_dirs: dict[str, Path], csv_data: Path, out: Path) -> dict:
+    """Parameters of one run of DEPLOYMENT: a tiny BERT, 8 CSV rows, the store under `out`.
+
+    One shard: with several, the flow's shard threads race on transformers' lazy imports in a fresh
+    flow-run process ("module 'transformers' has no attribute ..."), reported to the lead."""
+    spec = {
+        "model": str(model_dirs["bert-cls"]),
+        "data": str(csv_data),
+        "text_fields": ["text"],
+        "label_field": "label",
+        "examples": 8,
+        "batch_size": 4,
+        "max_length": 16,
+        "device": "cpu",
+    }
+    return {"spec": spec, "store_root": str(out), "shards": 1}
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def stack(env: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([str(STACK), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def exports(stdout: str) -> dict[str, str]:
+    lines = [ln.removeprefix("export ") for ln in stdout.splitlines() if ln.startswith("export ")]
+    return dict(ln.split("=", 1) for ln in lines)
+
+
+def stack_processes(state: Path) -> list[tuple[psutil.Process, str]]:
+    """Live processes carrying this stack's marker (stack.sh puts it in every part's environment)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get("FISHMERGE_STACK_MEMBER") == str(state):
+                found.append((p, f"{p.pid} {' '.join(p.cmdline())}"))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def log_tail(state: Path, name: str, n: int = 40) -> str:
+    path = state / "logs" / f"{name}.log"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+
+
+def wait_final(client, run_id: UUID, state: Path):
+    """The flow run once it reached a final state (bounded by RUN_TIMEOUT_S)."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        run = client.read_flow_run(run_id)
+        if run.state is not None and run.state.is_final():
+            return run
+        assert time.monotonic() < deadline, (
+            f"flow run {run.name} still {run.state_name} after {RUN_TIMEOUT_S}s; worker log:\n"
+            + log_tail(state, "prefect-worker-cpu")
+        )
+        time.sleep(1)
+
+
+def check_completed_with_artifacts(client, run, state: Path) -> None:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    assert run.state.is_completed(), f"{run.name}: {run.state_name} {run.state.message}\n" + log_tail(
+        state, "prefect-worker-cpu"
+    )
+    artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    assert artifacts, f"no artifact for flow run {run.name}"
+    assert all(a.flow_run_id == run.id for a in artifacts)
+
+
+def test_stack_up_deploy_run_schedule_down(tmp_path, model_dirs, csv_data) -> None:
+    from distributed import Client
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentScheduleCreate, DeploymentUpdate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.schedules import IntervalSchedule
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    started = time.monotonic()
+
+    def mark(what: str) -> None:  # phase times in the captured stderr, for diagnosis only
+        print(f"stack test: {what} at {time.monotonic() - started:.1f}s", file=sys.stderr)
+
+    state = (tmp_path / "stack").resolve()
+    prefect_port, mlflow_port, dask_port = free_ports(3)
+    # The test harness's PREFECT_API_URL (and any other Prefect/MLflow setting) must not reach the stack.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env |= {
+        "FISHMERGE_STACK_DIR": str(state),
+        "FISHMERGE_PREFECT_PORT": str(prefect_port),
+        "FISHMERGE_MLFLOW_PORT": str(mlflow_port),
+        "FISHMERGE_DASK_PORT": str(dask_port),
+        "FISHMERGE_STACK_GPU_WORKER": "0",
+        "FISHMERGE_HOME": str(ROOT),
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # the worker polls every 2 s instead of 10
+    }
+    deploy = None
+    try:
+        up = stack(env, "up")
+        assert up.returncode == 0, up.stdout + up.stderr
+        urls = exports(up.stdout)
+        assert urls == {
+            "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+            "FISHMERGE_DASK_ADDRESS": f"tcp://127.0.0.1:{dask_port}",
+        }, up.stdout
+        api = urls["PREFECT_API_URL"]
+        mark("up")
+        # `prefect deploy` imports the flow module (torch, transformers): start it, check the rest meanwhile.
+        deploy = subprocess.Popen(
+            [PREFECT, "--no-prompt", "deploy", "--name", DEPLOYMENT, *DEPLOY_ARGS],
+            cwd=ROOT,
+            env=env | {"PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client-prefect-home")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+        again = stack(env, "up")  # idempotent: nothing restarted, same addresses
+        assert again.returncode == 0 and exports(again.stdout) == urls, again.stdout + again.stderr
+        assert again.stderr.count("already running") == 6, again.stderr
+        status = stack(env, "status")
+        assert status.returncode == 0 and status.stdout.count(" running ") == 6, status.stdout
+
+        with urllib.request.urlopen(urls["MLFLOW_TRACKING_URI"] + "/health", timeout=10) as r:
+            assert r.read().strip() == b"OK"
+        with Client(urls["FISHMERGE_DASK_ADDRESS"], timeout=30) as dask:
+            dask.wait_for_workers(2, timeout=30)
+            assert list(dask.run(lambda: 1).values()) == [1, 1]
+            assert set(dask.run(lambda: os.environ.get("PREFECT_API_URL")).values()) == {api}
+        mark("idempotent up, status, MLflow and Dask checked")
+
+        deploy_out, _ = deploy.communicate(timeout=180)
+        assert deploy.returncode == 0, deploy_out
+        mark("deployed")
+
+        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            assert client.api_url.host == "127.0.0.1" and client.api_url.port == prefect_port
+            dep = client.read_deployment_by_name(f"{FLOW}/{DEPLOYMENT}")
+            assert dep.work_pool_name == "cpu"
+            manual = client.create_flow_run_from_deployment(
+                dep.id, parameters=run_parameters(model_dirs, csv_data, tmp_path / "manual")
+            )
+            # The schedule path, overlapping the manual run. The server schedules dozens of runs of a
+            # short interval at once and the worker takes all due within 10 s, so: a 60 s interval whose
+            # first run is due 10 s from now, and the schedule is deleted once the worker took that run.
+            (schedule,) = client.create_deployment_schedules(
+                dep.id,
+                [
+                    DeploymentScheduleCreate(
+                        schedule=IntervalSchedule(
+                            interval=timedelta(seconds=60), anchor_date=datetime.now(UTC) + timedelta(seconds=10)
+                        ),
+                        active=True,
+                        parameters=run_parameters(model_dirs, csv_data, tmp_path / "scheduled"),
+                    )
+                ],
+            )
+            # Touching the deployment lets the server's recent-deployments scheduler (5 s loop) schedule
+            # it now rather than at the main scheduler's next pass (60 s).
+            client.update_deployment(dep.id, DeploymentUpdate(paused=False))
+
+            # Once the worker has taken the scheduled run, pause and delete the schedule: no scheduled run
+            # may be left behind.
+            of_deployment = DeploymentFilter(id=DeploymentFilterId(any_=[dep.id]))
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while not (
+                taken := [
+                    r
+                    for r in client.read_flow_runs(deployment_filter=of_deployment)
+                    if r.auto_scheduled and r.state_type != StateType.SCHEDULED
+                ]
+            ):
+                assert time.monotonic() < deadline, "no run of the interval schedule reached the worker"
+                time.sleep(1)
+            client.update_deployment_schedule(dep.id, schedule.id, active=False)
+            client.delete_deployment_schedule(dep.id, schedule.id)
+            assert schedule.id not in [s.id for s in client.read_deployment_schedules(dep.id)]
+            waiting = client.read_flow_runs(
+                deployment_filter=of_deployment,
+                flow_run_filter=FlowRunFilter(state={"type": {"any_": [StateType.SCHEDULED.value]}}),
+            )
+            assert not [r for r in waiting if r.auto_scheduled], "scheduled runs left after the schedule was deleted"
+            auto = [r.id for r in client.read_flow_runs(deployment_filter=of_deployment) if r.auto_scheduled]
+            assert auto == [taken[0].id], auto
+            mark("scheduled run taken by the worker, schedule deleted")
+
+            run = wait_final(client, manual.id, state)
+            check_completed_with_artifacts(client, run, state)
+            assert any((tmp_path / "manual").glob("*.zarr")), sorted((tmp_path / "manual").iterdir())
+            mark("manual run completed")
+            run = wait_final(client, taken[0].id, state)
+            check_completed_with_artifacts(client, run, state)
+            assert any((tmp_path / "scheduled").glob("*.zarr"))
+            mark("scheduled run completed")
+    finally:
+        if deploy is not None and deploy.poll() is None:
+            deploy.kill()
+        down = stack(env, "down", timeout=120)
+        mark("down")
+        left = stack_processes(state)
+        for p, _ in left:  # never leave them to the next test, even when the assertion below fails
+            p.kill()
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not left, [what for _, what in left]
+        assert not list((state / "run").glob("*.pid"))
+    status = stack(env, "status")
+    assert status.returncode == 1 and status.stdout.count(" stopped") == 6, status.stdout
