@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -102,7 +103,8 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto")
     global LOAD_COUNT
     d = Path(model_dir)
     arch = model_architecture(d)
-    cls = getattr(transformers, arch, None)
+    with _LOAD_LOCK:
+        cls = getattr(transformers, arch, None)
     if cls is None:
         raise FishmergeError(f"this transformers version has no class {arch} (from '{d}/config.json')")
     if dtype != "auto" and dtype not in _DTYPES:
@@ -110,14 +112,16 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto")
     kwargs = {"dtype": _DTYPES[dtype]} if dtype != "auto" else {"dtype": "auto"}
     LOAD_COUNT += 1
     transformers.utils.logging.disable_progress_bar()  # one bar per shard is noise; fishmerge shows its own
-    model, info = cls.from_pretrained(d, use_safetensors=True, output_loading_info=True, **kwargs)
+    with _LOAD_LOCK:  # transformers' lazy imports are not thread-safe: shards loading at once broke them
+        model, info = cls.from_pretrained(d, use_safetensors=True, output_loading_info=True, **kwargs)
     if info.get("missing_keys"):
         raise FishmergeError(
             f"parameters {sorted(info['missing_keys'])[:5]} are not in the checkpoint in '{d}' and were freshly "
             "initialised: a Fisher of random weights is meaningless. Save the fine-tuned model with its head."
         )
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(d)
+        with _LOAD_LOCK:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(d)
     except (OSError, ValueError) as exc:
         raise FishmergeError(f"no usable tokenizer in '{d}': save the tokenizer next to the model ({exc})") from exc
     return model.to(resolve_device(device)), tokenizer
@@ -154,6 +158,7 @@ def checkpoint_names(model: nn.Module, keys: set[str] | dict) -> dict[str, str]:
     return out
 
 
+_LOAD_LOCK = threading.RLock()
 LOAD_COUNT = 0  # model weight loads in this process (tests check that reuse loads nothing)
 
 
