@@ -20,30 +20,60 @@ ROOT = Path(__file__).resolve().parents[1]
 STACK = ROOT / "deployments" / "stack.sh"
 PREFECT = str(ROOT / ".venv" / "bin" / "prefect") if (ROOT / ".venv" / "bin" / "prefect").exists() else "prefect"
 
-# The deployment under test (a name in prefect.yaml) and how to deploy it. estimate-fisher lives on
-# pool `gpu`; the test stack runs a CPU worker only, so it is deployed onto `cpu` here.
-DEPLOYMENT = "estimate-fisher"
-FLOW = "estimate-fisher"
-DEPLOY_ARGS = ["--pool", "cpu"]
+# The deployment under test (a name in prefect.yaml) and how to deploy it: the nightly pipeline.
+DEPLOYMENT = "fisher-merge-nightly"
+FLOW = "fisher-merge-pipeline"
+DEPLOY_ARGS: list[str] = []
 RUN_TIMEOUT_S = 180  # bound on each flow run (the machine may be shared and loaded)
 
 
-def run_parameters(model_dirs: dict[str, Path], csv_data: Path, out: Path) -> dict:
-    """Parameters of one run of DEPLOYMENT: a tiny BERT, 8 CSV rows, the store under `out`.
+def pipeline_config(root: Path) -> Path:
+    """Two tiny BERT classifiers with their own small tasks, and a pipeline config over them."""
+    import datasets
+    import yaml
 
-    One shard: with several, the flow's shard threads race on transformers' lazy imports in a fresh
-    flow-run process ("module 'transformers' has no attribute ..."), reported to the lead."""
-    spec = {
-        "model": str(model_dirs["bert-cls"]),
-        "data": str(csv_data),
-        "text_fields": ["text"],
-        "label_field": "label",
-        "examples": 8,
-        "batch_size": 4,
-        "max_length": 16,
-        "device": "cpu",
+    from tests.conftest import save_model_dir, sentences
+
+    models = []
+    for name, kind, k in (("three", "bert-cls", 3), ("two", "bert-cls2", 2)):
+        save_model_dir(root / name, kind, seed=k)
+        rows = sentences(48, seed=k)
+        for r in rows:
+            r["label"] = r["label"] % k
+        ds = datasets.Dataset.from_list(rows)
+        splits = {
+            "train": ds.select(range(24)),
+            "validation": ds.select(range(24, 36)),
+            "test": ds.select(range(36, 48)),
+        }
+        datasets.DatasetDict(splits).save_to_disk(str(root / f"{name}-data"))
+        models.append(
+            {
+                "name": name,
+                "path": str(root / name),
+                "weight": 0.5,
+                "data": {"path": str(root / f"{name}-data"), "text_fields": ["text"], "label_field": "label"},
+            }
+        )
+    cfg = {
+        "name": "stack-test",
+        "method": "fisher",
+        "models": models,
+        "fisher": {"examples": 8, "max_length": 16, "store_root": str(root / "fishers")},
+        "output": str(root / "merged"),
+        "search": {"points": 3, "limit": 12},
+        "evaluate": {"max_length": 16},
+        "register": {"name": "stack-test", "promote": {"metric": "three/accuracy"}},
+        # no mlflow key: the stack gives every flow run MLFLOW_TRACKING_URI (its server), which wins
     }
-    return {"spec": spec, "store_root": str(out), "shards": 1}
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_parameters(config: Path) -> dict:
+    """Parameters of one run of DEPLOYMENT."""
+    return {"config": str(config)}
 
 
 def free_ports(n: int) -> list[int]:
@@ -108,7 +138,31 @@ def check_completed_with_artifacts(client, run, state: Path) -> None:
     assert all(a.flow_run_id == run.id for a in artifacts)
 
 
-def test_stack_up_deploy_run_schedule_down(tmp_path, model_dirs, csv_data) -> None:
+def check_mlflow(uri: str, versions: int) -> None:
+    """The stack's MLflow server has the pipeline run and the registered versions, aliased per policy."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("stack-test")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`fishmerge.plan_id` != ''")
+    assert runs and "three/accuracy" in runs[0].data.metrics and "isotropic/two/accuracy" in runs[0].data.metrics
+    for name in ("stack-test-three", "stack-test-two"):
+        found = client.search_model_versions(f"name = '{name}'")
+        assert len(found) == versions, [v.version for v in found]
+        assert client.get_model_version_by_alias(name, "challenger").version == "1"
+        assert client.get_model_version_by_alias(name, "champion").version == "1"  # the first version is promoted
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        labels = mlflow.pyfunc.load_model("models:/stack-test-two@champion").predict(["w1 w2 w3"])
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert list(labels)[0] in ("neg", "pos")
+
+
+def test_stack_up_deploy_run_schedule_down(tmp_path) -> None:
     from distributed import Client
     from prefect import get_client
     from prefect.client.schemas.actions import DeploymentScheduleCreate, DeploymentUpdate
@@ -135,6 +189,7 @@ def test_stack_up_deploy_run_schedule_down(tmp_path, model_dirs, csv_data) -> No
         "FISHMERGE_HOME": str(ROOT),
         "PREFECT_WORKER_QUERY_SECONDS": "2",  # the worker polls every 2 s instead of 10
     }
+    config = pipeline_config(tmp_path / "inputs")
     deploy = None
     try:
         up = stack(env, "up")
@@ -179,12 +234,15 @@ def test_stack_up_deploy_run_schedule_down(tmp_path, model_dirs, csv_data) -> No
             assert client.api_url.host == "127.0.0.1" and client.api_url.port == prefect_port
             dep = client.read_deployment_by_name(f"{FLOW}/{DEPLOYMENT}")
             assert dep.work_pool_name == "cpu"
-            manual = client.create_flow_run_from_deployment(
-                dep.id, parameters=run_parameters(model_dirs, csv_data, tmp_path / "manual")
-            )
-            # The schedule path, overlapping the manual run. The server schedules dozens of runs of a
-            # short interval at once and the worker takes all due within 10 s, so: a 60 s interval whose
-            # first run is due 10 s from now, and the schedule is deleted once the worker took that run.
+            manual = client.create_flow_run_from_deployment(dep.id, parameters=run_parameters(config))
+            run = wait_final(client, manual.id, state)
+            check_completed_with_artifacts(client, run, state)
+            mark("manual run completed")
+            check_mlflow(urls["MLFLOW_TRACKING_URI"], versions=1)
+            mark("MLflow run, registered version, aliases and pyfunc checked")
+
+            # The schedule path: a 60 s interval whose first run is due 10 s from now (the server
+            # schedules many runs of a short interval at once); deleted once the worker took that run.
             (schedule,) = client.create_deployment_schedules(
                 dep.id,
                 [
@@ -193,16 +251,13 @@ def test_stack_up_deploy_run_schedule_down(tmp_path, model_dirs, csv_data) -> No
                             interval=timedelta(seconds=60), anchor_date=datetime.now(UTC) + timedelta(seconds=10)
                         ),
                         active=True,
-                        parameters=run_parameters(model_dirs, csv_data, tmp_path / "scheduled"),
+                        parameters=run_parameters(config),
                     )
                 ],
             )
             # Touching the deployment lets the server's recent-deployments scheduler (5 s loop) schedule
             # it now rather than at the main scheduler's next pass (60 s).
             client.update_deployment(dep.id, DeploymentUpdate(paused=False))
-
-            # Once the worker has taken the scheduled run, pause and delete the schedule: no scheduled run
-            # may be left behind.
             of_deployment = DeploymentFilter(id=DeploymentFilterId(any_=[dep.id]))
             deadline = time.monotonic() + RUN_TIMEOUT_S
             while not (
@@ -225,15 +280,10 @@ def test_stack_up_deploy_run_schedule_down(tmp_path, model_dirs, csv_data) -> No
             auto = [r.id for r in client.read_flow_runs(deployment_filter=of_deployment) if r.auto_scheduled]
             assert auto == [taken[0].id], auto
             mark("scheduled run taken by the worker, schedule deleted")
-
-            run = wait_final(client, manual.id, state)
-            check_completed_with_artifacts(client, run, state)
-            assert any((tmp_path / "manual").glob("*.zarr")), sorted((tmp_path / "manual").iterdir())
-            mark("manual run completed")
             run = wait_final(client, taken[0].id, state)
             check_completed_with_artifacts(client, run, state)
-            assert any((tmp_path / "scheduled").glob("*.zarr"))
             mark("scheduled run completed")
+            check_mlflow(urls["MLFLOW_TRACKING_URI"], versions=1)  # the rerun registered nothing new
     finally:
         if deploy is not None and deploy.poll() is None:
             deploy.kill()
