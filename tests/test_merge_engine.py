@@ -6,13 +6,17 @@ The references read the input safetensors whole (float64; bf16 widened by torch)
 formula vectorised over whole tensors as the brief defines it, and never call lib.merge_methods.
 fp32 outputs must match to 1e-6 (norm-wise, and elementwise within a few fp32 ulps of the inputs'
 magnitude); bf16 outputs must equal the reference rounded to fp32 then cast by torch, except
-where the exact value lies within fp32 rounding of a bf16 rounding midpoint (counted, ≤ 1 ulp).
+where the exact value lies within fp32 rounding of a bf16 rounding midpoint (≤ 1 ulp). Those
+exceptions are counted in two kinds: exact ties (fp32(reference) is itself a bf16 midpoint, common
+on bf16 inputs with decimal λ: the λ's binary rounding decides; not bounded) and the others (< 0.1%).
+With dyadic λ on bf16 inputs the fp32 arithmetic is exact and no exception is allowed.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -410,6 +414,8 @@ def test_method_matches_reference(zoo: Zoo, case: Case, tmp_path: Path) -> None:
     assert [t.name for t in plan.targets] == targets
     for t in plan.targets:
         assert set(t.own_keys) == {"classifier.weight", "classifier.bias"}
+    from transformers import AutoConfig
+
     rows = sum(load64(str(dirs["a"]))[k].shape[0] for k in keys if load64(str(dirs["a"]))[k].ndim == 2)
     if case.block == 7:  # every 2-D row and 1-D runs of ≤ 7 elements are separate blocks
         assert summary["blocks"] > rows
@@ -426,6 +432,9 @@ def test_method_matches_reference(zoo: Zoo, case: Case, tmp_path: Path) -> None:
         )
         exact = case.dyadic and case.method in ("isotropic", "task_arithmetic")
         stats = check_target(out / name, dirs[name], ref, case.dtype, exact=exact, skip_fragile=not case.dyadic)
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["dtype"] == (case.dtype or ("bfloat16" if case.variant.startswith("bf16") else "float32"))
+        assert AutoConfig.from_pretrained(out / name).num_labels == LABELS[name]  # the target's own config
         print(case.id, name, dict(stats))
     assert not list(out.parent.glob(".out.staging-*"))
 
@@ -693,12 +702,6 @@ def test_not_enough_disk() -> None:
 # ---------------------------------------------------------------- 5. a real Dask cluster
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="lib bug (reported): merge_exec.run_tasks calls distributed.as_completed(futures) without "
-    "loop=client.loop on a Client(set_as_default=False), so it looks for a default client: 'No clients found'",
-)
 def test_dask_cluster_output_is_byte_identical_to_threads(zoo: Zoo, tmp_path: Path) -> None:
     from distributed import LocalCluster
 
