@@ -132,16 +132,6 @@ class TaskArithmetic(MergeMethod):
         return b + np.float32(opt.scale) * delta
 
 
-def ties_thresholds(task_vectors: Sequence[np.ndarray], density: float) -> list[float]:
-    """Per model, the magnitude above which a task-vector entry of this tensor survives trimming."""
-    out = []
-    for tv in task_vectors:
-        mag = np.abs(tv.astype(np.float32, copy=False)).ravel()
-        k = int(np.ceil(density * mag.size))
-        out.append(float(np.partition(mag, mag.size - k)[mag.size - k]) if k > 0 else float("inf"))
-    return out
-
-
 class Ties(MergeMethod):
     """TIES: trim each task vector to its top `density` magnitudes (per tensor), elect the sign of
     the λ-weighted sum, average the λ-weighted entries that agree with it (disjoint mean)."""
@@ -154,7 +144,7 @@ class Ties(MergeMethod):
         b = base.astype(np.float32, copy=False)
         thresholds = (context or {}).get("ties_thresholds")
         if thresholds is None:
-            raise FishmergeError("ties needs per-tensor thresholds (lib.merge_methods.ties_thresholds)")
+            raise FishmergeError("ties needs per-tensor thresholds (lib.merge_exec.ties_thresholds_streaming)")
         trimmed = []
         for t, thr in zip(thetas, thresholds):
             tv = t.astype(np.float32, copy=False) - b
