@@ -285,6 +285,7 @@ def precompute(plan: MergePlan, address: str | None, progress: bool) -> dict:
     cache = staging / "context.json"
     if cache.exists():
         return json.loads(cache.read_text())
+    plan_d = dask.delayed(plan, pure=True, traverse=False)  # one graph node, not walked per task
     fisher_ = plan.merge_method.needs_fisher
     align = {k: _fisher_chunk_rows(plan, k) for k in plan.shared} if fisher_ else {}
     if plan.method == "fisher" and plan.options.normalize:
@@ -293,7 +294,7 @@ def precompute(plan: MergePlan, address: str | None, progress: bool) -> dict:
             for key in plan.shared:
                 ref = plan.models[i].refs[key]
                 for r0, r1 in row_blocks(ref.rows, ref.row_elems, plan.block_elems, align.get(key, 1)):
-                    tasks.append(dask.delayed(_fisher_sq_sum)(plan, i, key, r0, r1))
+                    tasks.append(dask.delayed(_fisher_sq_sum)(plan_d, i, key, r0, r1))
                     owners.append(i)
         sums = run_tasks(tasks, address, plan.threads, "fisher norms", progress)
         totals = np.zeros(len(plan.models))
@@ -320,12 +321,13 @@ def ties_thresholds_streaming(plan: MergePlan, address: str | None, progress: bo
         return row_blocks(ref.rows, ref.row_elems, plan.block_elems)
 
     pairs = [(key, i) for key in plan.shared for i in range(len(plan.models))]
+    plan_d = dask.delayed(plan, pure=True, traverse=False)
 
     def hist_pass(buckets):
         tasks = []
         for key, i in pairs:
             b = None if buckets is None else buckets[(key, i)][0]
-            tasks.append([dask.delayed(_ties_hist)(plan, i, key, r0, r1, b) for r0, r1 in blocks(key)])
+            tasks.append([dask.delayed(_ties_hist)(plan_d, i, key, r0, r1, b) for r0, r1 in blocks(key)])
         flat = [t for group in tasks for t in group]
         results = iter(run_tasks(flat, address, plan.threads, "ties thresholds", progress))
         return {p: sum(next(results) for _ in group) for p, group in zip(pairs, tasks)}
