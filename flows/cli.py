@@ -240,9 +240,7 @@ def _registry(args: argparse.Namespace) -> None:
 
     uri = registry.tracking_uri(args.tracking_uri)
     registry.check_reachable(uri)
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
+    registry.point_mlflow_at(uri)
 
 
 def _cmd_promote(args: argparse.Namespace) -> str:

@@ -93,12 +93,9 @@ def log_pipeline_run(
             mlflow.log_artifact(str(Path(d) / "fishmerge.json"), artifact_path=f"lineage/{t}")
         if cfg.register:
             metrics = flat_metrics(results)
-            policy = cfg.register.promote or {
-                "metric": f"{plan.targets[0].name}/accuracy",
-                "min_delta": 0.0,
-                "guard": {},
-            }
             for t in plan.targets:
+                # Default policy: the target's own task accuracy must not drop.
+                policy = cfg.register.promote or {"metric": f"{t.name}/accuracy", "min_delta": 0.0, "guard": {}}
                 name = registered_name(cfg, t.name)
                 version, created = registry.register_model_dir(
                     merged_dirs[t.name],

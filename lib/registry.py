@@ -115,12 +115,26 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
 
 
+def point_mlflow_at(uri: str) -> None:
+    """Make `uri` MLflow's tracking URI in this process without leaking it into the environment.
+
+    MLflow 3 also writes MLFLOW_TRACKING_URI into os.environ, which `tracking_uri()` reads first: a
+    later config in the same process (tests, notebooks, a long-lived worker) would be ignored.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def use_experiment(name: str, uri: str) -> str:
     """Point MLflow (process-wide) at `uri` and experiment `name`, creating it if needed; its id.
 
     A new experiment on a SQLite store keeps its artifacts in `<db folder>/mlartifacts/<name>`.
     """
-    mlflow.set_tracking_uri(uri)
+    point_mlflow_at(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is None:

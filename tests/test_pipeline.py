@@ -412,12 +412,6 @@ def test_unreachable_tracking_server_fails_before_any_work(ws, capsys, monkeypat
     assert not list(ws.glob(".out-down*"))  # no staging folder either
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mlflow.set_tracking_uri (registry.use_experiment, cli._registry) writes env MLFLOW_TRACKING_URI, "
-    "which registry.tracking_uri then prefers over the config: a later run in the same process silently "
-    "uses the earlier run's store",
-)
 def test_config_tracking_uri_is_honoured_after_an_earlier_run_in_this_process(ws, first, capsys) -> None:
     assert main(["history", "fm-pipe-a", "--tracking-uri", first["uri"]]) == 0  # earlier MLflow use here
     uri = f"http://127.0.0.1:{free_port()}"
