@@ -99,7 +99,7 @@ def plot(runs: dict[int, dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), squeeze=False, sharey=True)
     for ax, (seed, r) in zip(axes[0], sorted(runs.items())):
-        names = list(r["weights"])
+        names = r["searches"]["fisher"]["names"]  # model order (pipeline.json sorts dict keys)
         for label, s in r["searches"].items():
             xs = [c["weights"][0] for c in s["candidates"]]
             ax.plot(xs, [c["score"] for c in s["candidates"]], marker="o", label=label)
@@ -118,29 +118,27 @@ def results_markdown(runs: dict[int, dict], table: str, stats: dict, argv: str) 
     first = next(iter(runs.values()))
     beat = stats["gap_mean"] > 0
     exceeds = abs(stats["gap_mean"]) > max(stats["fisher_std"], stats["iso_std"])
+    spread = (
+        f"The mean gap {'exceeds' if exceeds else 'does not exceed'} the seed spread (std over seeds of the mean "
+        f"accuracy: Fisher {stats['fisher_std']:.3f}, isotropic {stats['iso_std']:.3f}; std of the paired gap "
+        f"{stats['gap_std']:.3f})."
+        if len(runs) > 1
+        else "With one seed there is no seed spread to compare the gap with: run the other seeds."
+    )
     verdict = (
         f"Fisher merging {'beat' if beat else 'did not beat'} isotropic merging on mean test accuracy: "
         f"gap {stats['gap_mean']:+.3f} (per seed {', '.join(f'{g:+.3f}' for g in stats['gap_per_seed'])}; "
-        f"Fisher ahead in {stats['fisher_wins']} of {len(runs)} seeds). The mean gap "
-        f"{'exceeds' if exceeds else 'does not exceed'} the seed spread (std over seeds of the mean accuracy: "
-        f"Fisher {stats['fisher_std']:.3f}, isotropic {stats['iso_std']:.3f}; std of the paired gap {stats['gap_std']:.3f})."
+        f"Fisher ahead in {stats['fisher_wins']} of {len(runs)} seeds). {spread}"
     )
     timing = "\n".join(
         f"| {s} | {r['seconds']['prepare']} | {r['seconds']['pipeline']} |" for s, r in sorted(runs.items())
     )
-    lam = "\n".join(
-        f"| {s} | "
-        + ", ".join(f"{n}={w:.2f}" for n, w in r["weights"].items())
-        + " | "
-        + ", ".join(
-            f"{n}={w:.2f}"
-            for n, w in zip(
-                r["weights"], r["searches"]["isotropic"]["candidates"][r["searches"]["isotropic"]["best"]]["weights"]
-            )
-        )
-        + " |"
-        for s, r in sorted(runs.items())
-    )
+
+    def best(r: dict, label: str) -> str:
+        s = r["searches"][label]
+        return ", ".join(f"{n}={w:.2f}" for n, w in zip(s["names"], s["candidates"][s["best"]]["weights"]))
+
+    lam = "\n".join(f"| {s} | {best(r, 'fisher')} | {best(r, 'isotropic')} |" for s, r in sorted(runs.items()))
     f = first["fisher"]
     return f"""# Results: merging real fine-tuned MiniLM models (sentiment + debate party)
 
@@ -171,7 +169,7 @@ Timings (seconds, this machine, 2 cores):
 |---|---|---|
 {timing}
 
-Raw numbers: `docs/results_raw.json`. Investigations of the defaults: see below (hand-written).
+Raw numbers: `docs/results_raw.json`. Notes on these numbers: `docs/results_notes.md` (hand-written).
 """
 
 
