@@ -21,7 +21,10 @@ A second real-model check beside benchmarks/fisher_throughput.py (which covers B
    batched forward + backward of the summed next-token log-likelihood, parameter gradients),
    `empirical` and `sampled` (FisherAccumulator.add_batch on live accumulators) run back to back
    on that batch. Ratio = time ÷ floor within the round, median over rounds; a warm-up on the
-   first batch is excluded. examples/s = N ÷ the method's summed time.
+   first batch is excluded; the order of the three rotates from round to round. examples/s =
+   N ÷ the method's summed time. Both wall time and process CPU time are recorded (OpenMP set to
+   passive waiting, so CPU time is work done): on a machine shared with other jobs the wall-time
+   ratios swing with their load, the CPU-time ratios much less.
 
   python benchmarks/smollm2_fisher.py [--examples 128] [--batch-size 16] [--max-length 64] [--json out.json]
 
@@ -44,8 +47,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# Idle OpenMP threads sleep instead of spinning, so process CPU time counts work, not waiting: on a
+# shared machine the CPU-time ratios stay stable while wall time swings with other processes' load.
+# Must be set before torch (libgomp) starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -253,32 +261,47 @@ def throughput(model, batches: list[tuple[dict, list[int]]], seed: int) -> dict:
         del warm
     accs = {est: FisherAccumulator(model, est, seed=seed, verify=False) for est in estimators}
     methods = {"floor": floor_step} | {f"fishmerge {e}": a.add_batch for e, a in accs.items()}
-    times = {k: [] for k in methods}
-    for batch, ids in batches:
-        for name, fn in methods.items():
-            t0 = time.perf_counter()
+    names = list(methods)
+    wall: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
+    for r, (batch, ids) in enumerate(batches):
+        for name in names[r % 3 :] + names[: r % 3]:  # rotate the order: no method always runs first
+            fn = methods[name]
+            t0, c0 = time.perf_counter(), time.process_time()
             fn(model, batch, ids) if name == "floor" else fn(batch, ids)
-            times[name].append(time.perf_counter() - t0)
-        r = {k: v[-1] / times["floor"][-1] for k, v in times.items()}
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
         print(
-            f"round {len(times['floor'])}/{len(batches)}: floor {times['floor'][-1]:.2f} s, "
-            + ", ".join(f"{k.split()[-1]} ×{v:.2f}" for k, v in r.items() if k != "floor"),
+            f"round {r + 1}/{len(batches)}: floor {wall['floor'][-1]:.2f} s (CPU {cpu['floor'][-1]:.2f} s), "
+            + ", ".join(
+                f"{k.split()[-1]} ×{wall[k][-1] / wall['floor'][-1]:.2f} (CPU ×{cpu[k][-1] / cpu['floor'][-1]:.2f})"
+                for k in names[1:]
+            ),
             file=sys.stderr,
         )
     n = sum(len(ids) for _, ids in batches)
+
+    def ratios(name: str, t: dict[str, list[float]]) -> list[float]:
+        return [x / f for x, f in zip(t[name], t["floor"])]
+
     res = {
         name: {
-            "median_s": statistics.median(ts),
-            "total_s": sum(ts),
-            "examples_per_s": n / sum(ts),
-            "ratio_to_floor": statistics.median(t / f for t, f in zip(ts, times["floor"])),
-            "ratio_min": min(t / f for t, f in zip(ts, times["floor"])),
-            "ratio_max": max(t / f for t, f in zip(ts, times["floor"])),
-            "ratios": [t / f for t, f in zip(ts, times["floor"])],
-            "times_s": ts,
+            "median_s": statistics.median(wall[name]),
+            "total_s": sum(wall[name]),
+            "examples_per_s": n / sum(wall[name]),
+            "ratio_to_floor": statistics.median(ratios(name, wall)),
+            "ratio_min": min(ratios(name, wall)),
+            "ratio_max": max(ratios(name, wall)),
+            "cpu_median_s": statistics.median(cpu[name]),
+            "cpu_examples_per_s": n / sum(cpu[name]),
+            "cpu_ratio_to_floor": statistics.median(ratios(name, cpu)),
+            "cpu_ratio_min": min(ratios(name, cpu)),
+            "cpu_ratio_max": max(ratios(name, cpu)),
+            "wall_s": wall[name],
+            "cpu_s": cpu[name],
             "peak_mem_mib": peaks[name] / 2**20,
         }
-        for name, ts in times.items()
+        for name in names
     }
     fishers = {}
     for est, acc in accs.items():
@@ -345,6 +368,7 @@ def main() -> None:
             "nproc": os.cpu_count(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "platform": platform.machine(),
             "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
@@ -372,13 +396,14 @@ def main() -> None:
     print(
         f"\n## SmolLM2-135M ({results['params_m']:.1f} M params), {len(texts)} snippets, batch {args.batch_size} "
         f"× T={args.max_length}, cpu fp32\n"
-        "| method | median s/batch | examples/s | × floor (median of rounds) | range over rounds | peak mem MiB |\n"
-        "|---|---|---|---|---|---|"
+        "| method | median s/batch | examples/s | × floor, wall (median of rounds) | range | "
+        "× floor, CPU time (median) | range | peak mem MiB |\n|---|---|---|---|---|---|---|---|"
     )
     for name, r in tp["methods"].items():
         print(
-            f"| {name} | {r['median_s']:.3f} | {r['examples_per_s']:.1f} | {r['ratio_to_floor']:.2f} "
-            f"| {r['ratio_min']:.2f}–{r['ratio_max']:.2f} | {r['peak_mem_mib']:.0f} |"
+            f"| {name} | {r['median_s']:.2f} | {r['examples_per_s']:.2f} | {r['ratio_to_floor']:.2f} "
+            f"| {r['ratio_min']:.2f}–{r['ratio_max']:.2f} | {r['cpu_ratio_to_floor']:.2f} "
+            f"| {r['cpu_ratio_min']:.2f}–{r['cpu_ratio_max']:.2f} | {r['peak_mem_mib']:.0f} |"
         )
     print(
         f"\nmachine: {m['cpu']}, nproc {m['nproc']}, torch {m['torch']}, {m['threads']} threads; "
