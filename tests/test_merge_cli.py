@@ -100,7 +100,7 @@ def test_plan_then_merge_with_artifact(inputs, tmp_path, capsys) -> None:
     assert out.strip().splitlines()[-1] == str(tmp_path / "out")
     for t in ("a", "b"):
         files = {p.name for p in (tmp_path / "out" / t).iterdir()}
-        assert {"model.safetensors", "config.json", "fishmerge.json", "README.md", "vocab.txt"} <= files
+        assert {"model.safetensors", "config.json", "fishmerge.json", "README.md", "tokenizer_config.json"} <= files
         record = json.loads((tmp_path / "out" / t / "fishmerge.json").read_text())
         assert record["method"] == "fisher" and [i["weight"] for i in record["inputs"]] == [0.6, 0.4]
         assert record["inputs"][0]["model_fingerprint"] == cached_model_fingerprint(inputs["a"])
@@ -169,7 +169,6 @@ def test_bad_input_errors(inputs, tmp_path, capsys) -> None:
         config = _bert_cfg(num_labels=3)
         config.hidden_size = 40
         tf.BertForSequenceClassification(config).save_pretrained(wide)
-        (wide / "vocab.txt").write_text((inputs["a"] / "vocab.txt").read_text())
     cfg = write_config(
         tmp_path / "c1.yaml",
         [two_models(inputs)[0], {"name": "w", "path": str(wide), "weight": 0.5}],
