@@ -303,6 +303,8 @@ def throughput(model, batches: list[tuple[dict, list[int]]], seed: int) -> dict:
         }
         for name in names
     }
+    # How many cores the floor actually got: ≈ threads on an idle machine, less when others compete.
+    res["floor"]["effective_cores"] = sum(cpu["floor"]) / sum(wall["floor"])
     fishers = {}
     for est, acc in accs.items():
         f = acc.fisher()
@@ -408,7 +410,8 @@ def main() -> None:
     print(
         f"\nmachine: {m['cpu']}, nproc {m['nproc']}, torch {m['torch']}, {m['threads']} threads; "
         f"load avg start {m['loadavg_start'][0]:.2f}, end {m['loadavg_end'][0]:.2f}; wall {results['wall_s']:.0f} s, "
-        f"process CPU {results['cpu_s']:.0f} s"
+        f"process CPU {results['cpu_s']:.0f} s; floor got {tp['methods']['floor']['effective_cores']:.2f} cores "
+        "(CPU s ÷ wall s; below the thread count = other processes competed)"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

