@@ -26,7 +26,7 @@ from lib.errors import FishmergeError
 from lib.fisher_store import FisherReader, replace_dir
 from lib.merge_output import write_metadata
 from lib.merge_plan import MergePlan, identical_output_exists
-from lib.safetensors_io import OutputTensor, create_file, encode, layout_file, read_rows, write_rows
+from lib.safetensors_io import OutputTensor, create_file, encode, layout_file, read_raw, read_rows, write_rows
 
 JOURNAL = "journal.tsv"
 
@@ -199,8 +199,6 @@ def copy_block(plan: MergePlan, context: dict, staging: str, target: str, key: s
     ref = plan.models[t.index].refs[key]
     rel, ot = context["layout"][target][key]
     if ot.dtype == ref.dtype:
-        from lib.safetensors_io import read_raw
-
         data = read_raw(ref, r0, r1)
     else:
         data = encode(read_rows(ref, r0, r1), ot.dtype)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -103,8 +102,3 @@ def data_fingerprints(scorer: Scorer) -> dict[str, str]:
         ).hexdigest()[:20]
         for name, task in scorer.tasks.items()
     }
-
-
-def report_dir(output: str) -> Path:
-    """Where the pipeline's report and plots go: beside the merged target folders."""
-    return Path(output)
