@@ -36,6 +36,7 @@ class MergeMethod:
     needs_base = False
     needs_fisher = False
     normalizes_weights = False  # λ normalised to sum 1 (fisher, isotropic)
+    options_used: tuple[str, ...] = ()  # MergeOptions fields the formula reads (cache keys name only these)
 
     def check_weights(self, weights: Sequence[float]) -> np.ndarray:
         w = np.asarray(weights, dtype=np.float64)
@@ -84,6 +85,7 @@ class Fisher(MergeMethod):
 
     name = "fisher"
     needs_fisher = True
+    options_used = ("floor", "favor_target", "normalize")
     normalizes_weights = True
 
     def merge(self, thetas, weights, *, target=0, fishers=None, options=None, **_):
@@ -122,6 +124,7 @@ class TaskArithmetic(MergeMethod):
 
     name = "task_arithmetic"
     needs_base = True
+    options_used = ("scale",)
 
     def merge(self, thetas, weights, *, base=None, options=None, **_):
         opt = options or MergeOptions()
@@ -138,6 +141,7 @@ class Ties(MergeMethod):
 
     name = "ties"
     needs_base = True
+    options_used = ("scale", "density")
 
     def merge(self, thetas, weights, *, base=None, options=None, context=None, **_):
         opt = options or MergeOptions()

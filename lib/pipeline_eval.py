@@ -1,6 +1,7 @@
 """The pipeline's evaluation: merged models against the baselines, on each target's own task.
 
-Baselines: `originals` (each fine-tuned target model alone), `isotropic` (plain λ-weighted
+Merged outputs and baselines are evaluated (and cached) apart: the baselines read no Fisher, so
+every Fisher variant of a merge shares them. Baselines: `originals` (each fine-tuned target model alone), `isotropic` (plain λ-weighted
 average, with its own λ search), `ensemble` (output ensembling: the average of the class
 probabilities that every model's body gives under the target's head, equal weights). Metric
 keys are `<task>/<metric>`, e.g. `rte/accuracy`.
@@ -27,56 +28,72 @@ def isotropic_plan(plan: MergePlan) -> MergePlan:
     return dataclasses.replace(plan, method="isotropic")
 
 
-def evaluate_merge(
+def _recorder(scorer: Scorer, metrics: list[str], out: dict[str, dict[str, float]]):
+    def record(kind: str, target: str, probs: np.ndarray) -> None:
+        for k, v in scorer.metrics(target, probs, metrics).items():
+            out.setdefault(kind, {})[f"{target}/{k}"] = v
+
+    return record
+
+
+def _device_of(scorer: Scorer, target: str) -> str:
+    return str(next(scorer.models[target].parameters()).device)
+
+
+def evaluate_merged(scorer: Scorer, merged_dirs: dict[str, str], metrics: list[str]) -> dict[str, dict[str, float]]:
+    """{'merged': {'<task>/<metric>': value}}: each merged output folder on its target's task."""
+    from lib.checkpoint import load_model
+
+    out: dict[str, dict[str, float]] = {"merged": {}}
+    record = _recorder(scorer, metrics, out)
+    for t in scorer.plan.targets:
+        merged, _ = load_model(merged_dirs[t.name], device=_device_of(scorer, t.name))
+        record("merged", t.name, scorer.probabilities(t.name, merged))
+        del merged
+    return out
+
+
+def evaluate_baselines(
     scorer: Scorer,
     inputs: MergeInputs,
-    merged_dirs: dict[str, str],
     isotropic_weights: list[float] | None,
     metrics: list[str],
     baselines: list[str],
 ) -> dict[str, dict[str, float]]:
-    """{'merged'|'originals'|'isotropic'|'ensemble': {'<task>/<metric>': value}} on the scorer's split."""
+    """{'originals'|'isotropic'|'ensemble': {'<task>/<metric>': value}}; none of them reads a Fisher."""
     from lib.checkpoint import load_model
 
-    out: dict[str, dict[str, float]] = {b: {} for b in ["merged", *baselines]}
     plan = scorer.plan
+    out: dict[str, dict[str, float]] = {b: {} for b in baselines}
+    record = _recorder(scorer, metrics, out)
     for t in plan.targets:
-
-        def record(kind: str, probs: np.ndarray, target: str = t.name) -> None:
-            for k, v in scorer.metrics(target, probs, metrics).items():
-                out[kind][f"{target}/{k}"] = v
-
-        if "originals" in baselines:  # before any merged state is loaded into the scorer's models
-            original, _ = load_model(
-                plan.models[t.index].path, device=str(next(scorer.models[t.name].parameters()).device)
-            )
-            record("originals", scorer.probabilities(t.name, original))
+        if "originals" in baselines:
+            original, _ = load_model(plan.models[t.index].path, device=_device_of(scorer, t.name))
+            record("originals", t.name, scorer.probabilities(t.name, original))
             del original
-        merged, _ = load_model(merged_dirs[t.name], device=str(next(scorer.models[t.name].parameters()).device))
-        record("merged", scorer.probabilities(t.name, merged))
-        del merged
         if "isotropic" in baselines and isotropic_weights is not None:
             load_state(scorer.models[t.name], merge_in_memory(isotropic_plan(plan), inputs, isotropic_weights, t.index))
-            record("isotropic", scorer.probabilities(t.name))
+            record("isotropic", t.name, scorer.probabilities(t.name))
         if "ensemble" in baselines:
             probs = []
             for theta in inputs.thetas:  # every model's body under this target's head
                 load_state(scorer.models[t.name], theta)
                 probs.append(scorer.probabilities(t.name))
-            record("ensemble", ensemble_probabilities(probs, [1.0] * len(probs)))
+            record("ensemble", t.name, ensemble_probabilities(probs, [1.0] * len(probs)))
     return out
 
 
 def content_key(plan: MergePlan, kind: str, extra: dict) -> str:
-    """A cache key for search/evaluation results: inputs by content, method and options, settings."""
-    o = plan.options
+    """A cache key for search/evaluation results: the inputs (by content) and options the method reads,
+    and the settings. Isotropic results are shared by every Fisher variant of a merge."""
+    method = plan.merge_method
     key = {
         "kind": kind,
         "version": __version__,
         "method": plan.method,
-        "options": [o.floor, o.favor_target, o.normalize, o.scale, o.density],
-        "models": [[m.name, m.fingerprint, m.fisher_id] for m in plan.models],
-        "base": plan.base.fingerprint if plan.base else None,
+        "options": {name: getattr(plan.options, name) for name in method.options_used},
+        "models": [[m.name, m.fingerprint, m.fisher_id if method.needs_fisher else None] for m in plan.models],
+        "base": plan.base.fingerprint if plan.base and method.needs_base else None,
         "targets": [t.name for t in plan.targets],
         **extra,
     }

@@ -97,30 +97,31 @@ def pipeline_evaluate(
     from lib.merge_config import load_merge_config
     from lib.merge_plan import plan_from_config
     from lib.merge_search import Scorer, load_inputs
-    from lib.pipeline_eval import cached, content_key, data_fingerprints, evaluate_merge
+    from lib.pipeline_eval import (
+        cached,
+        content_key,
+        data_fingerprints,
+        evaluate_baselines,
+        evaluate_merged,
+        isotropic_plan,
+    )
 
     cfg = load_merge_config(config)
     ev = cfg.evaluate
     plan = plan_from_config(config, fishers, weights=weights, check_output=False)
     scorer = Scorer(cfg, plan, ev.split, ev.limit, cfg.execution.device, ev.batch_size, ev.max_length)
-    key = content_key(
-        plan,
-        "evaluate",
-        {
-            "plan": plan.plan_id,
-            "evaluate": ev.model_dump(),
-            "data": data_fingerprints(scorer),
-            "iso": isotropic_weights,
-        },
+    settings = {"evaluate": ev.model_dump(), "data": data_fingerprints(scorer)}
+    merged_key = content_key(plan, "evaluate-merged", {"plan": plan.plan_id, **settings})
+    merged, merged_hit = cached(merged_key, lambda: evaluate_merged(scorer, merged_dirs, list(ev.metrics)))
+    baseline_plan = isotropic_plan(plan)  # what the baselines depend on: models and data, no Fisher
+    base_key = content_key(baseline_plan, "evaluate-baselines", {"iso": isotropic_weights, **settings})
+    baselines, base_hit = cached(
+        base_key,
+        lambda: evaluate_baselines(
+            scorer, load_inputs(baseline_plan), isotropic_weights, list(ev.metrics), list(ev.baselines)
+        ),
     )
-
-    def compute():
-        return evaluate_merge(
-            scorer, load_inputs(plan), merged_dirs, isotropic_weights, list(ev.metrics), list(ev.baselines)
-        )
-
-    results, hit = cached(key, compute)
-    return {"results": results, "cached": hit}
+    return {"results": {**merged, **baselines}, "cached": merged_hit and base_hit}
 
 
 @task(name="pipeline-track", retries=2, retry_delay_seconds=3)
