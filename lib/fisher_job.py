@@ -241,6 +241,9 @@ def finish(r: Resolved, plan: list[Shard], summaries: list[dict], wall_s: float,
     try:
         uri = reduce_partials(r.partials, plan, markers, r.store, attrs)
     except CorruptPartials as exc:
+        done = existing_store(r)  # not corrupt: a concurrent run finished first and removed the partials
+        if done:
+            return done
         for i in exc.shards:
             discard_shard(r.partials, plan[i])
         raise

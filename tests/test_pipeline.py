@@ -111,6 +111,7 @@ def write_config(
     targets: list[str] | None = None,
     promote: dict | None = None,
     baselines: list[str] | None = None,
+    fisher: dict | None = None,
 ) -> Path:
     models = [
         {
@@ -125,7 +126,13 @@ def write_config(
         "name": "fm-pipe",
         "method": "fisher",
         "models": models,
-        "fisher": {"estimator": "exact", "examples": 16, "max_length": MAX_LENGTH, "store_root": "fishers"},
+        "fisher": {
+            "estimator": "exact",
+            "examples": 16,
+            "max_length": MAX_LENGTH,
+            "store_root": "fishers",
+            **(fisher or {}),
+        },
         "output": output,
         "evaluate": {"max_length": MAX_LENGTH, "batch_size": 16},
         "register": {"name": register, "promote": promote or {"metric": "a/accuracy"}},
@@ -324,6 +331,25 @@ def test_rerun_of_the_same_config_registers_nothing(ws, first, capsys) -> None:
     for name in ("fm-pipe-a", "fm-pipe-b"):
         assert versions(first["uri"], name) == ["1"]
         assert aliases(first["uri"], name) == {"champion": "1", "challenger": "1"}
+
+
+def test_a_fisher_variant_reuses_the_isotropic_search_and_baselines(ws, first) -> None:
+    """Another floor changes only the Fisher merge: the isotropic search and the baseline evaluation
+    (no Fisher in them) come from the cache, the Fisher search and the merged evaluation do not."""
+    cache = ws / ".fishmerge" / "cache"
+    before = set(p.name for p in cache.iterdir())
+    cfg = write_config(
+        ws, "p-floor.yaml", first["uri"], output="out-floor", register="fm-floor", fisher={"floor": 0.01}
+    )
+    result = run_pipeline(str(cfg))
+    summary = json.loads((ws / "out-floor" / "pipeline.json").read_text())
+    assert summary["searches"]["isotropic"]["cached"] is True
+    assert summary["searches"]["fisher"]["cached"] is False
+    new = sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir() if p.name not in before)
+    assert new == ["evaluate-merged", "search"], new  # the Fisher search and the merged evaluation only
+    for kind in ("originals", "isotropic", "ensemble"):
+        assert result["results"][kind] == first["result"]["results"][kind]
+    assert result["isotropic_weights"] == first["result"]["isotropic_weights"]
 
 
 # --- 3. promotion decided by the pipeline --------------------------------------------------------

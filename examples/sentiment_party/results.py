@@ -30,7 +30,7 @@ VARIANTS = {  # fisher-block overrides for investigations (never tuned on the te
     "normalize": {"normalize": True},
     "examples2048": {"examples": 2048},
     "empirical": {"estimator": "empirical"},
-    "floor1e-3": {"floor": 1.0e-3},
+    "floor1e-8": {"floor": 1.0e-8},
     "no_favor": {"favor_target": False},
 }
 
@@ -58,7 +58,57 @@ def run_seed(seed: int, variant: str, root: Path) -> dict:
     out["seconds"] = {"prepare": round(prep_s, 1), "pipeline": round(time.perf_counter() - t1, 1)}
     out["fisher_examples"] = cfg["fisher"]["examples"]
     out["fisher"] = cfg["fisher"]
+    out["diagnostics"] = diagnostics(path, out)
     return out
+
+
+def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs: list[float]) -> list[float]:
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order], dtype=np.float64)
+    return [float(values[order][np.searchsorted(cum, q * cum[-1])]) for q in qs]
+
+
+def diagnostics(config: Path, run: dict) -> dict:
+    """Why Fisher merging can (or cannot) differ from isotropic merging on these two models.
+
+    - `log_fisher_corr`: correlation of log10 Fisher between the two models over the merged (body)
+      entries where both are > 0; near 1 means both tasks weight the same parameters.
+    - `floor_binds`: fraction of body entries of each model whose Fisher is below the floor.
+    - `effective_lambda_q10/50/90`: per entry, where the Fisher merge at its chosen λ puts the
+      target-0 output between the two models (0 = model 1, 1 = model 0), quantiles weighted by the
+      squared difference of the models; a narrow band means Fisher ≈ isotropic with another λ.
+    - `distance_to_isotropic`: ‖θ_Fisher − θ_iso‖ / ‖θ_0 − θ_1‖ at the same λ (target 0).
+    """
+    from lib.merge_plan import plan_from_config
+    from lib.merge_search import load_inputs, merge_in_memory
+    from lib.pipeline_eval import isotropic_plan
+
+    names = run["searches"]["fisher"]["names"]
+    weights = [run["weights"][n] for n in names]
+    plan = plan_from_config(str(config), run["fishers"], weights=weights, check_output=False)
+    inputs = load_inputs(plan)
+    keys = list(plan.shared)
+    f = [np.concatenate([d[k].ravel() for k in keys]) for d in inputs.fishers]
+    both = (f[0] > 0) & (f[1] > 0)
+    corr = float(np.corrcoef(np.log10(f[0][both]), np.log10(f[1][both]))[0, 1])
+    t0, t1 = (np.concatenate([d[k].ravel() for k in keys]) for d in inputs.thetas)
+    fm = merge_in_memory(plan, inputs, weights, 0)
+    iso = merge_in_memory(isotropic_plan(plan), inputs, weights, 0)
+    fm = np.concatenate([fm[k].ravel() for k in keys])
+    iso = np.concatenate([iso[k].ravel() for k in keys])
+    diff = t0.astype(np.float64) - t1
+    moved = np.abs(diff) > 1e-6
+    eff = (fm[moved] - t1[moved]) / diff[moved]
+    q = weighted_quantiles(eff, diff[moved] ** 2, [0.1, 0.5, 0.9])
+    return {
+        "log_fisher_corr": round(corr, 3),
+        "fisher_mean": [float(x.mean()) for x in f],
+        "floor_binds": [round(float((x < plan.options.floor).mean()), 3) for x in f],
+        "effective_lambda_q10": round(q[0], 3),
+        "effective_lambda_q50": round(q[1], 3),
+        "effective_lambda_q90": round(q[2], 3),
+        "distance_to_isotropic": round(float(np.linalg.norm(fm - iso) / np.linalg.norm(diff)), 3),
+    }
 
 
 def summarise(runs: dict[int, dict], variant: str) -> tuple[str, dict]:
@@ -140,6 +190,15 @@ def results_markdown(runs: dict[int, dict], table: str, stats: dict, argv: str) 
 
     lam = "\n".join(f"| {s} | {best(r, 'fisher')} | {best(r, 'isotropic')} |" for s, r in sorted(runs.items()))
     f = first["fisher"]
+    diags = [r["diagnostics"] for r in runs.values() if r.get("diagnostics")]
+    diag = (
+        f"correlation of log Fisher between the two models {np.mean([d['log_fisher_corr'] for d in diags]):.2f}; "
+        f"effective per-entry λ (10–90 % quantiles) {np.mean([d['effective_lambda_q10'] for d in diags]):.2f}–"
+        f"{np.mean([d['effective_lambda_q90'] for d in diags]):.2f} where isotropic merging has one value; "
+        f"‖θ_Fisher − θ_iso‖ = {np.mean([d['distance_to_isotropic'] for d in diags]):.2f} × ‖θ_0 − θ_1‖ at the same λ."
+        if diags
+        else "not computed."
+    )
     return f"""# Results: merging real fine-tuned MiniLM models (sentiment + debate party)
 
 Produced by `python examples/sentiment_party/results.py {argv}` (the whole preparation and pipeline
@@ -151,9 +210,15 @@ heads, order of examples); data splits are fixed. Test accuracy per task, mean �
 
 **Verdict.** {verdict}
 
-Fisher: estimator `{f["estimator"]}`, {f["examples"]} training examples per model, floor {f["floor"]},
-favor_target {f["favor_target"]}, normalize {f["normalize"]}. Output ensemble: equal weights over
-both bodies under each target's head.
+Fisher examples: {f["examples"]} rows of each task's **train** split (never validation or test), the same
+rows for every seed (drawn with `fisher.seed` {f.get("seed", 0)}, `lib.data.select_indices`), truncated to
+{f["max_length"]} tokens; estimator `{f["estimator"]}` (the expectation over the model's own predicted
+label distribution, per example), floor {f["floor"]}, favor_target {f["favor_target"]}, normalize
+{f["normalize"]}. Output ensemble: equal weights over both bodies under each target's head.
+
+What the Fisher did to the merge (seed mean; definitions in `results.py:diagnostics`): {diag}
+Other Fisher settings (normalisation, more examples, the empirical estimator, another floor,
+no favour for the target) against the same isotropic baseline: [results_variants.md](results_variants.md).
 
 ![λ curves](results_lambda.png)
 
@@ -173,28 +238,72 @@ Raw numbers: `docs/results_raw.json`. Notes on these numbers: `docs/results_note
 """
 
 
+def variants_markdown(all_runs: dict[str, dict[int, dict]]) -> str:
+    """docs/results_variants.md: each Fisher variant against the same isotropic baseline, same seeds."""
+    rows = []
+    for variant, runs in all_runs.items():
+        _, stats = summarise(runs, variant)
+        tasks = sorted({k.split("/")[0] for k in next(iter(runs.values()))["results"]["merged"]})
+        test = [np.mean([r["results"]["merged"][f"{t}/accuracy"] for t in tasks]) for r in runs.values()]
+        val = [r["searches"]["fisher"]["candidates"][r["searches"]["fisher"]["best"]]["score"] for r in runs.values()]
+        iso_val = [
+            r["searches"]["isotropic"]["candidates"][r["searches"]["isotropic"]["best"]]["score"] for r in runs.values()
+        ]
+        diag = [r["diagnostics"] for r in runs.values() if "diagnostics" in r]
+        d = (
+            f"{np.mean([x['effective_lambda_q10'] for x in diag]):.2f}–{np.mean([x['effective_lambda_q90'] for x in diag]):.2f}"
+            f" | {np.mean([x['distance_to_isotropic'] for x in diag]):.2f}"
+            f" | {np.mean([x['log_fisher_corr'] for x in diag]):.2f}"
+            if diag
+            else "– | – | –"
+        )
+        rows.append(
+            f"| {variant} | {json.dumps(VARIANTS[variant]) if VARIANTS[variant] else 'pipeline.yaml as is'}"
+            f" | {', '.join(map(str, sorted(runs)))} | {np.mean(val):.3f} | {np.mean(iso_val):.3f}"
+            f" | {np.mean(test):.3f} | {stats['gap_mean']:+.3f} ± {stats['gap_std']:.3f}"
+            f" | {stats['fisher_wins']}/{len(runs)} | {d} |"
+        )
+    return (
+        "# Fisher variants on the sentiment + debate example\n\n"
+        "Produced by `examples/sentiment_party/results.py --variant …` (every `runs-*.json` under its root).\n"
+        "Each variant changes only the `fisher:` block of `examples/sentiment_party/pipeline.yaml`; the\n"
+        "fine-tuned models, the data, the λ grid (on validation) and the isotropic baseline are the same\n"
+        "(the isotropic search and baselines come from one cache). Columns: mean over tasks of accuracy;\n"
+        "val = best λ-search score on the validation split (500 rows per task), test = at that λ;\n"
+        "gap = Fisher − isotropic mean test accuracy, mean ± std over seeds; effective λ = where the\n"
+        "Fisher merge puts each entry between the two models (weighted 10 %–90 % quantiles; isotropic\n"
+        "merging is one value); distance = ‖θ_Fisher − θ_iso‖ / ‖θ_0 − θ_1‖ at the same λ;\n"
+        "corr = correlation of log Fisher of the two models.\n\n"
+        "| variant | fisher overrides | seeds | Fisher val | isotropic val | Fisher test | gap vs isotropic"
+        " | Fisher ahead | effective λ 10–90 % | distance to iso | corr |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variant", choices=list(VARIANTS), default="default")
+    ap.add_argument("--variant", choices=list(VARIANTS), nargs="+", default=["default"])
     ap.add_argument("--root", default=str(REPO / ".fishmerge" / "results"))
     ap.add_argument("--out", default=str(REPO / "docs"))
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    runs = {s: run_seed(s, args.variant, root) for s in args.seeds}
-    (root / f"runs-{args.variant}.json").write_text(json.dumps(runs, indent=1))
-    table, stats = summarise(runs, args.variant)
-    print(table)
-    print(json.dumps(stats, indent=1))
-    if args.variant == "default":
-        plot(runs, Path(args.out) / "results_lambda.png")
-        (Path(args.out) / "results.md").write_text(results_markdown(runs, table, stats, " ".join(sys.argv[1:])))
-        (Path(args.out) / "results_raw.json").write_text(
-            json.dumps(
-                {s: {k: r[k] for k in ("weights", "results", "seconds", "fisher")} for s, r in runs.items()}, indent=1
+    for variant in args.variant:
+        runs = {s: run_seed(s, variant, root) for s in args.seeds}
+        (root / f"runs-{variant}.json").write_text(json.dumps(runs, indent=1))
+        table, stats = summarise(runs, variant)
+        print(f"variant {variant}:\n{table}\n{json.dumps(stats, indent=1)}")
+        if variant == "default":
+            plot(runs, Path(args.out) / "results_lambda.png")
+            (Path(args.out) / "results.md").write_text(results_markdown(runs, table, stats, " ".join(sys.argv[1:])))
+            keep = ("weights", "results", "seconds", "fisher", "diagnostics")
+            (Path(args.out) / "results_raw.json").write_text(
+                json.dumps({s: {k: r.get(k) for k in keep} for s, r in runs.items()}, indent=1)
             )
-        )
+        found = {p.stem.removeprefix("runs-"): p for p in sorted(root.glob("runs-*.json"))}
+        all_runs = {v: {int(s): r for s, r in json.loads(found[v].read_text()).items()} for v in VARIANTS if v in found}
+        (Path(args.out) / "results_variants.md").write_text(variants_markdown(all_runs))
 
 
 if __name__ == "__main__":
