@@ -4,11 +4,13 @@ For each seed: fine-tune both tasks from the pretrained MiniLM with that seed
 (`prepare.py --seed S`), run the pipeline config with paths pointed at that seed's inputs (no
 registration: results only), and collect each task's test accuracy for the fine-tuned model
 alone, isotropic merging (best λ), Fisher merging (best λ) and output ensembling. Writes
-docs/results.md (table: mean ± std over seeds, per-seed gaps) and docs/results_lambda.png.
-Each seed runs in its own processes. Usage:
+docs/results.md (table: mean ± std over seeds, per-seed gaps), docs/results_lambda.png,
+docs/results_raw.json, and docs/results_variants.md (every Fisher variant run so far under the
+root). Each seed runs in its own processes; reruns come from the caches. Usage:
 
     .venv/bin/python examples/sentiment_party/results.py --seeds 0 1 2
-    .venv/bin/python examples/sentiment_party/results.py --seeds 0 --variant normalize  # an investigation
+    .venv/bin/python examples/sentiment_party/results.py --variant normalize empirical  # investigations
+    .venv/bin/python examples/sentiment_party/results.py --variant default normalize --report-only
 """
 
 from __future__ import annotations
@@ -181,7 +183,9 @@ def results_markdown(runs: dict[int, dict], table: str, stats: dict, argv: str) 
         f"Fisher ahead in {stats['fisher_wins']} of {len(runs)} seeds). {spread}"
     )
     timing = "\n".join(
-        f"| {s} | {r['seconds']['prepare']} | {r['seconds']['pipeline']} |" for s, r in sorted(runs.items())
+        f"| {s} | {r['seconds']['prepare']} | {r['seconds']['pipeline']} | "
+        f"{'yes' if all(x.get('cached') for x in r['searches'].values()) else 'no'} |"
+        for s, r in sorted(runs.items())
     )
 
     def best(r: dict, label: str) -> str:
@@ -228,10 +232,11 @@ Chosen λ per seed (Fisher | isotropic):
 |---|---|---|
 {lam}
 
-Timings (seconds, this machine, 2 cores):
+Timings of this invocation (seconds, this machine, 2 cores; a rerun finds the fine-tuned models,
+Fishers, searches and evaluations in its caches):
 
-| seed | prepare | pipeline |
-|---|---|---|
+| seed | prepare | pipeline | searches from cache |
+|---|---|---|---|
 {timing}
 
 Raw numbers: `docs/results_raw.json`. Notes on these numbers: `docs/results_notes.md` (hand-written).
@@ -286,12 +291,17 @@ def main() -> None:
     ap.add_argument("--variant", choices=list(VARIANTS), nargs="+", default=["default"])
     ap.add_argument("--root", default=str(REPO / ".fishmerge" / "results"))
     ap.add_argument("--out", default=str(REPO / "docs"))
+    ap.add_argument("--report-only", action="store_true", help="rewrite the docs from the saved runs-*.json")
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     for variant in args.variant:
-        runs = {s: run_seed(s, variant, root) for s in args.seeds}
-        (root / f"runs-{variant}.json").write_text(json.dumps(runs, indent=1))
+        saved = root / f"runs-{variant}.json"
+        if args.report_only:
+            runs = {int(s): r for s, r in json.loads(saved.read_text()).items() if int(s) in args.seeds}
+        else:
+            runs = {s: run_seed(s, variant, root) for s in args.seeds}
+            saved.write_text(json.dumps(runs, indent=1))
         table, stats = summarise(runs, variant)
         print(f"variant {variant}:\n{table}\n{json.dumps(stats, indent=1)}")
         if variant == "default":
