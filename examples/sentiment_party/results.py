@@ -80,9 +80,11 @@ def diagnostics(config: Path, run: dict) -> dict:
       target-0 output between the two models (0 = model 1, 1 = model 0), quantiles weighted by the
       squared difference of the models; a narrow band means Fisher ≈ isotropic with another λ.
     - `distance_to_isotropic`: ‖θ_Fisher − θ_iso‖ / ‖θ_0 − θ_1‖ at the same λ (target 0).
+    - `uniform_lambda_test_accuracy`: Fisher and isotropic merging at the uniform λ (untuned), test split.
     """
+    from lib.merge_config import load_merge_config
     from lib.merge_plan import plan_from_config
-    from lib.merge_search import load_inputs, merge_in_memory
+    from lib.merge_search import Scorer, load_inputs, load_state, merge_in_memory
     from lib.pipeline_eval import isotropic_plan
 
     names = run["searches"]["fisher"]["names"]
@@ -102,7 +104,20 @@ def diagnostics(config: Path, run: dict) -> dict:
     moved = np.abs(diff) > 1e-6
     eff = (fm[moved] - t1[moved]) / diff[moved]
     q = weighted_quantiles(eff, diff[moved] ** 2, [0.1, 0.5, 0.9])
+    # Untuned λ: both methods at the uniform λ on the test split (a fixed, declared point, not a search).
+    cfg = load_merge_config(str(config))
+    ev = cfg.evaluate
+    scorer = Scorer(cfg, plan, ev.split, ev.limit, "cpu", ev.batch_size, ev.max_length)
+    uniform = [1.0 / len(names)] * len(names)
+    at_uniform = {}
+    for label, p in (("fisher", plan), ("isotropic", isotropic_plan(plan))):
+        at_uniform[label] = {}
+        for t in plan.targets:
+            load_state(scorer.models[t.name], merge_in_memory(p, inputs, uniform, t.index))
+            probs = scorer.probabilities(t.name)
+            at_uniform[label][t.name] = scorer.metrics(t.name, probs, ["accuracy"])["accuracy"]
     return {
+        "uniform_lambda_test_accuracy": at_uniform,
         "log_fisher_corr": round(corr, 3),
         "fisher_mean": [float(x.mean()) for x in f],
         "floor_binds": [round(float((x < plan.options.floor).mean()), 3) for x in f],
@@ -168,7 +183,6 @@ def plot(runs: dict[int, dict], path: Path) -> None:
 def results_markdown(runs: dict[int, dict], table: str, stats: dict, argv: str) -> str:
     """docs/results.md: the table, the plain verdict, the plot, the settings and timings."""
     first = next(iter(runs.values()))
-    beat = stats["gap_mean"] > 0
     exceeds = abs(stats["gap_mean"]) > max(stats["fisher_std"], stats["iso_std"])
     spread = (
         f"The mean gap {'exceeds' if exceeds else 'does not exceed'} the seed spread (std over seeds of the mean "
@@ -177,11 +191,18 @@ def results_markdown(runs: dict[int, dict], table: str, stats: dict, argv: str) 
         if len(runs) > 1
         else "With one seed there is no seed spread to compare the gap with: run the other seeds."
     )
-    verdict = (
-        f"Fisher merging {'beat' if beat else 'did not beat'} isotropic merging on mean test accuracy: "
-        f"gap {stats['gap_mean']:+.3f} (per seed {', '.join(f'{g:+.3f}' for g in stats['gap_per_seed'])}; "
-        f"Fisher ahead in {stats['fisher_wins']} of {len(runs)} seeds). {spread}"
-    )
+    n, wins, gap = len(runs), stats["fisher_wins"], stats["gap_mean"]
+    per_seed = ", ".join(f"{g:+.3f}" for g in stats["gap_per_seed"])
+    if gap > 0 and (exceeds or n == 1):
+        claim = f"Fisher merging beat isotropic merging on mean test accuracy by {gap:+.3f}"
+    elif gap > 0:
+        claim = (
+            f"Fisher merging did not clearly beat isotropic merging: its mean test accuracy is higher by "
+            f"{gap:+.3f}, but it was ahead in only {wins} of {n} seeds"
+        )
+    else:
+        claim = f"Fisher merging did not beat isotropic merging on mean test accuracy (gap {gap:+.3f})"
+    verdict = f"{claim} (gap per seed {per_seed}). {spread}"
     timing = "\n".join(
         f"| {s} | {r['seconds']['prepare']} | {r['seconds']['pipeline']} | "
         f"{'yes' if all(x.get('cached') for x in r['searches'].values()) else 'no'} |"
@@ -203,6 +224,21 @@ def results_markdown(runs: dict[int, dict], table: str, stats: dict, argv: str) 
         if diags
         else "not computed."
     )
+    uniform = [
+        r["diagnostics"]["uniform_lambda_test_accuracy"]
+        for r in runs.values()
+        if "uniform_lambda_test_accuracy" in (r.get("diagnostics") or {})
+    ]
+    if uniform:
+        means = {k: [np.mean(list(u[k].values())) for u in uniform] for k in ("fisher", "isotropic")}
+        gaps = np.array(means["fisher"]) - np.array(means["isotropic"])
+        untuned = (
+            f"At the uniform λ (no search; a fixed point declared in advance), mean test accuracy: Fisher "
+            f"{np.mean(means['fisher']):.3f}, isotropic {np.mean(means['isotropic']):.3f} (gap per seed "
+            f"{', '.join(f'{g:+.3f}' for g in gaps)})."
+        )
+    else:
+        untuned = ""
     return f"""# Results: merging real fine-tuned MiniLM models (sentiment + debate party)
 
 Produced by `python examples/sentiment_party/results.py {argv}` (the whole preparation and pipeline
@@ -213,6 +249,8 @@ heads, order of examples); data splits are fixed. Test accuracy per task, mean �
 {table}
 
 **Verdict.** {verdict}
+
+{untuned}
 
 Fisher examples: {f["examples"]} rows of each task's **train** split (never validation or test), the same
 rows for every seed (drawn with `fisher.seed` {f.get("seed", 0)}, `lib.data.select_indices`), truncated to
@@ -243,6 +281,11 @@ Raw numbers: `docs/results_raw.json`. Notes on these numbers: `docs/results_note
 """
 
 
+def inner_mean(search: dict) -> float:
+    """Mean search score over the candidates with every λ strictly between 0 and 1."""
+    return float(np.mean([c["score"] for c in search["candidates"] if 0 < min(c["weights"]) and max(c["weights"]) < 1]))
+
+
 def variants_markdown(all_runs: dict[str, dict[int, dict]]) -> str:
     """docs/results_variants.md: each Fisher variant against the same isotropic baseline, same seeds."""
     rows = []
@@ -254,6 +297,10 @@ def variants_markdown(all_runs: dict[str, dict[int, dict]]) -> str:
         iso_val = [
             r["searches"]["isotropic"]["candidates"][r["searches"]["isotropic"]["best"]]["score"] for r in runs.values()
         ]
+        inner = {
+            label: np.mean([inner_mean(r["searches"][label]) for r in runs.values()])
+            for label in ("fisher", "isotropic")
+        }
         diag = [r["diagnostics"] for r in runs.values() if "diagnostics" in r]
         d = (
             f"{np.mean([x['effective_lambda_q10'] for x in diag]):.2f}–{np.mean([x['effective_lambda_q90'] for x in diag]):.2f}"
@@ -265,6 +312,7 @@ def variants_markdown(all_runs: dict[str, dict[int, dict]]) -> str:
         rows.append(
             f"| {variant} | {json.dumps(VARIANTS[variant]) if VARIANTS[variant] else 'pipeline.yaml as is'}"
             f" | {', '.join(map(str, sorted(runs)))} | {np.mean(val):.3f} | {np.mean(iso_val):.3f}"
+            f" | {inner['fisher']:.3f} | {inner['isotropic']:.3f}"
             f" | {np.mean(test):.3f} | {stats['gap_mean']:+.3f} ± {stats['gap_std']:.3f}"
             f" | {stats['fisher_wins']}/{len(runs)} | {d} |"
         )
@@ -275,13 +323,15 @@ def variants_markdown(all_runs: dict[str, dict[int, dict]]) -> str:
         "fine-tuned models, the data, the λ grid (on validation) and the isotropic baseline are the same\n"
         "(the isotropic search and baselines come from one cache). Columns: mean over tasks of accuracy;\n"
         "val = best λ-search score on the validation split (500 rows per task), test = at that λ;\n"
+        "λ-mean = the validation score averaged over the inner grid points (λ in 0.1 … 0.9): how good the\n"
+        "merge is when λ is not tuned;\n"
         "gap = Fisher − isotropic mean test accuracy, mean ± std over seeds; effective λ = where the\n"
         "Fisher merge puts each entry between the two models (weighted 10 %–90 % quantiles; isotropic\n"
         "merging is one value); distance = ‖θ_Fisher − θ_iso‖ / ‖θ_0 − θ_1‖ at the same λ;\n"
         "corr = correlation of log Fisher of the two models.\n\n"
-        "| variant | fisher overrides | seeds | Fisher val | isotropic val | Fisher test | gap vs isotropic"
-        " | Fisher ahead | effective λ 10–90 % | distance to iso | corr |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        "| variant | fisher overrides | seeds | Fisher val | isotropic val | Fisher val, λ-mean | isotropic val, λ-mean"
+        " | Fisher test | gap vs isotropic | Fisher ahead | effective λ 10–90 % | distance to iso | corr |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
 
 
