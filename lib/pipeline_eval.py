@@ -24,8 +24,8 @@ CACHE_ROOT = "./.fishmerge/cache"
 
 
 def isotropic_plan(plan: MergePlan) -> MergePlan:
-    """The same merge with plain averaging (the isotropic baseline)."""
-    return dataclasses.replace(plan, method="isotropic")
+    """The same merge with plain averaging (the isotropic baseline; it reads no base model)."""
+    return dataclasses.replace(plan, method="isotropic", base=None, base_keys={})
 
 
 def _recorder(scorer: Scorer, metrics: list[str], out: dict[str, dict[str, float]]):

@@ -74,7 +74,12 @@ def pipeline_search(config: str, fishers: dict[str, str], method: str | None = N
     ev = cfg.evaluate
     scorer = Scorer(cfg, plan, s.split, s.limit, cfg.execution.device, *((ev.batch_size, ev.max_length) if ev else ()))
     lambdas = candidates(len(plan.models), s.strategy, s.points, s.seed)
-    key = content_key(plan, "search", {"search": s.model_dump(), "data": data_fingerprints(scorer), "lambdas": lambdas})
+    scoring = {"max_length": scorer.max_length, "device": cfg.execution.device}  # what can change a score
+    key = content_key(
+        plan,
+        "search",
+        {"search": s.model_dump(), "scoring": scoring, "data": data_fingerprints(scorer), "lambdas": lambdas},
+    )
 
     def compute():
         inputs = load_inputs(plan)

@@ -150,3 +150,37 @@ def test_bad_weights(weights) -> None:
 def test_unknown_method_lists_the_valid_ones() -> None:
     with pytest.raises(FishmergeError, match="fisher, isotropic|isotropic, fisher"):
         get_method("slerp")
+
+
+@pytest.mark.parametrize("name", ["isotropic", "fisher", "task_arithmetic", "ties"])
+def test_options_used_names_every_option_the_formula_reads(name) -> None:
+    """Cache keys hold only `options_used`: any other option must leave the output unchanged, and
+    each listed one must be able to change it (else the key is wider than needed)."""
+    from dataclasses import fields, replace
+
+    method = get_method(name)
+    thetas, fishers, base = inputs(2, seed=5)
+    weights = method.check_weights([0.3, 0.7])
+    changed = {"floor": 0.5, "favor_target": False, "normalize": True, "scale": 0.4, "density": 0.6}
+    defaults = MergeOptions(fisher_norms=[2.0, 0.5])
+
+    def run(opt: MergeOptions) -> np.ndarray:
+        kw: dict = {"options": opt, "target": 0}
+        if method.needs_fisher:
+            kw["fishers"] = fishers
+        if method.needs_base:
+            kw["base"] = base
+        if name == "ties":
+            k = int(np.ceil(opt.density * base.size))  # thresholds follow `density` (as in the executor)
+            kw["context"] = {"ties_thresholds": [float(np.sort(np.abs(t - base).ravel())[::-1][k - 1]) for t in thetas]}
+        return method.merge(thetas, weights, **kw)
+
+    reference = run(defaults)
+    for f in fields(MergeOptions):
+        if f.name not in changed:
+            continue
+        out = run(replace(defaults, **{f.name: changed[f.name]}))
+        if f.name in method.options_used:
+            assert not np.array_equal(out, reference), f"{name}: option {f.name} is listed but changes nothing"
+        else:
+            assert np.array_equal(out, reference), f"{name}: option {f.name} changes the output but is not listed"

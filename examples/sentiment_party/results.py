@@ -39,6 +39,8 @@ VARIANTS = {  # fisher-block overrides for investigations (never tuned on the te
 
 def run_seed(seed: int, variant: str, root: Path) -> dict:
     """Prepare (cached per seed) and run the pipeline for one seed; returns pipeline.json."""
+    from lib.merge_config import load_merge_config
+
     inputs = root / f"seed{seed}"
     t0 = time.perf_counter()
     subprocess.run([sys.executable, str(HERE / "prepare.py"), "--out", str(inputs), "--seed", str(seed)], check=True)
@@ -59,7 +61,7 @@ def run_seed(seed: int, variant: str, root: Path) -> dict:
     out = json.loads((Path(cfg["output"]) / "pipeline.json").read_text())
     out["seconds"] = {"prepare": round(prep_s, 1), "pipeline": round(time.perf_counter() - t1, 1)}
     out["fisher_examples"] = cfg["fisher"]["examples"]
-    out["fisher"] = cfg["fisher"]
+    out["fisher"] = load_merge_config(str(path)).fisher.model_dump()  # with the defaults (seed, …)
     out["diagnostics"] = diagnostics(path, out)
     return out
 
@@ -73,14 +75,16 @@ def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs: list[float])
 def diagnostics(config: Path, run: dict) -> dict:
     """Why Fisher merging can (or cannot) differ from isotropic merging on these two models.
 
+    All at the uniform λ (a point fixed in advance, the same for every seed and variant; no search):
     - `log_fisher_corr`: correlation of log10 Fisher between the two models over the merged (body)
       entries where both are > 0; near 1 means both tasks weight the same parameters.
-    - `floor_binds`: fraction of body entries of each model whose Fisher is below the floor.
-    - `effective_lambda_q10/50/90`: per entry, where the Fisher merge at its chosen λ puts the
-      target-0 output between the two models (0 = model 1, 1 = model 0), quantiles weighted by the
-      squared difference of the models; a narrow band means Fisher ≈ isotropic with another λ.
-    - `distance_to_isotropic`: ‖θ_Fisher − θ_iso‖ / ‖θ_0 − θ_1‖ at the same λ (target 0).
-    - `uniform_lambda_test_accuracy`: Fisher and isotropic merging at the uniform λ (untuned), test split.
+    - `below_floor`: per model, fraction of the non-embedding body entries whose Fisher is below the
+      floor (with favor_target only the target's Fisher is raised to it).
+    - `effective_lambda_q10/50/90`: per entry, where the Fisher merge puts the target-0 output
+      between the two models (1 = model 0, 0 = model 1), quantiles weighted by the squared difference
+      of the models; isotropic merging puts every entry at 0.5.
+    - `distance_to_isotropic`: ‖θ_Fisher − θ_iso‖ / ‖θ_0 − θ_1‖ (target 0).
+    - `uniform_lambda_test_accuracy`: Fisher and isotropic merging on the test split.
     """
     from lib.merge_config import load_merge_config
     from lib.merge_plan import plan_from_config
@@ -88,28 +92,29 @@ def diagnostics(config: Path, run: dict) -> dict:
     from lib.pipeline_eval import isotropic_plan
 
     names = run["searches"]["fisher"]["names"]
-    weights = [run["weights"][n] for n in names]
-    plan = plan_from_config(str(config), run["fishers"], weights=weights, check_output=False)
+    if len(names) != 2:
+        raise SystemExit(f"diagnostics are for two models; this run merges {len(names)}")
+    uniform = [0.5, 0.5]
+    cfg = load_merge_config(str(config))
+    plan = plan_from_config(str(config), run["fishers"], weights=uniform, check_output=False)
     inputs = load_inputs(plan)
     keys = list(plan.shared)
-    f = [np.concatenate([d[k].ravel() for k in keys]) for d in inputs.fishers]
+    flat = lambda d, ks=keys: np.concatenate([d[k].ravel() for k in ks])  # noqa: E731
+    f = [flat(d) for d in inputs.fishers]
     both = (f[0] > 0) & (f[1] > 0)
     corr = float(np.corrcoef(np.log10(f[0][both]), np.log10(f[1][both]))[0, 1])
-    t0, t1 = (np.concatenate([d[k].ravel() for k in keys]) for d in inputs.thetas)
-    fm = merge_in_memory(plan, inputs, weights, 0)
-    iso = merge_in_memory(isotropic_plan(plan), inputs, weights, 0)
-    fm = np.concatenate([fm[k].ravel() for k in keys])
-    iso = np.concatenate([iso[k].ravel() for k in keys])
+    body = [k for k in keys if "embeddings" not in k]
+    below = [round(float((flat(d, body) < plan.options.floor).mean()), 3) for d in inputs.fishers]
+    t0, t1 = (flat(d) for d in inputs.thetas)
+    fm = flat(merge_in_memory(plan, inputs, uniform, 0))
+    iso = flat(merge_in_memory(isotropic_plan(plan), inputs, uniform, 0))
     diff = t0.astype(np.float64) - t1
     moved = np.abs(diff) > 1e-6
     eff = (fm[moved] - t1[moved]) / diff[moved]
     q = weighted_quantiles(eff, diff[moved] ** 2, [0.1, 0.5, 0.9])
-    # Untuned λ: both methods at the uniform λ on the test split (a fixed, declared point, not a search).
-    cfg = load_merge_config(str(config))
     ev = cfg.evaluate
-    scorer = Scorer(cfg, plan, ev.split, ev.limit, "cpu", ev.batch_size, ev.max_length)
-    uniform = [1.0 / len(names)] * len(names)
-    at_uniform = {}
+    scorer = Scorer(cfg, plan, ev.split, ev.limit, cfg.execution.device, ev.batch_size, ev.max_length)
+    at_uniform: dict[str, dict[str, float]] = {}
     for label, p in (("fisher", plan), ("isotropic", isotropic_plan(plan))):
         at_uniform[label] = {}
         for t in plan.targets:
@@ -117,10 +122,11 @@ def diagnostics(config: Path, run: dict) -> dict:
             probs = scorer.probabilities(t.name)
             at_uniform[label][t.name] = scorer.metrics(t.name, probs, ["accuracy"])["accuracy"]
     return {
+        "at_lambda": uniform,
         "uniform_lambda_test_accuracy": at_uniform,
         "log_fisher_corr": round(corr, 3),
         "fisher_mean": [float(x.mean()) for x in f],
-        "floor_binds": [round(float((x < plan.options.floor).mean()), 3) for x in f],
+        "below_floor": below,
         "effective_lambda_q10": round(q[0], 3),
         "effective_lambda_q50": round(q[1], 3),
         "effective_lambda_q90": round(q[2], 3),
@@ -183,26 +189,30 @@ def plot(runs: dict[int, dict], path: Path) -> None:
 def results_markdown(runs: dict[int, dict], table: str, stats: dict, argv: str) -> str:
     """docs/results.md: the table, the plain verdict, the plot, the settings and timings."""
     first = next(iter(runs.values()))
-    exceeds = abs(stats["gap_mean"]) > max(stats["fisher_std"], stats["iso_std"])
-    spread = (
-        f"The mean gap {'exceeds' if exceeds else 'does not exceed'} the seed spread (std over seeds of the mean "
-        f"accuracy: Fisher {stats['fisher_std']:.3f}, isotropic {stats['iso_std']:.3f}; std of the paired gap "
-        f"{stats['gap_std']:.3f})."
-        if len(runs) > 1
-        else "With one seed there is no seed spread to compare the gap with: run the other seeds."
-    )
     n, wins, gap = len(runs), stats["fisher_wins"], stats["gap_mean"]
     per_seed = ", ".join(f"{g:+.3f}" for g in stats["gap_per_seed"])
-    if gap > 0 and (exceeds or n == 1):
-        claim = f"Fisher merging beat isotropic merging on mean test accuracy by {gap:+.3f}"
-    elif gap > 0:
-        claim = (
-            f"Fisher merging did not clearly beat isotropic merging: its mean test accuracy is higher by "
-            f"{gap:+.3f}, but it was ahead in only {wins} of {n} seeds"
-        )
+    if n == 1:
+        verdict = f"Fisher − isotropic mean test accuracy: {gap:+.3f}, one seed: no spread to judge it against."
     else:
-        claim = f"Fisher merging did not beat isotropic merging on mean test accuracy (gap {gap:+.3f})"
-    verdict = f"{claim} (gap per seed {per_seed}). {spread}"
+        from scipy.stats import t as student_t
+
+        half = float(student_t.ppf(0.975, n - 1)) * stats["gap_std"] / np.sqrt(n)  # paired over seeds
+        interval = f"95 % interval of the paired gap over {n} seeds: {gap - half:+.3f} … {gap + half:+.3f}"
+        if gap - half > 0:
+            claim = f"Fisher merging beat isotropic merging on mean test accuracy by {gap:+.3f}"
+        elif gap + half < 0:
+            claim = f"Isotropic merging beat Fisher merging on mean test accuracy by {-gap:+.3f}"
+        else:
+            claim = (
+                f"Fisher merging did not clearly beat isotropic merging: mean gap {gap:+.3f}, "
+                f"Fisher ahead in {wins} of {n} seeds"
+            )
+        verdict = (
+            f"{claim} (gap per seed {per_seed}; {interval}). Seed spread: std over seeds of the mean "
+            f"accuracy, Fisher {stats['fisher_std']:.3f}, isotropic {stats['iso_std']:.3f}; std of the paired "
+            f"gap {stats['gap_std']:.3f}. The seeds share the data splits, so this spread leaves out the "
+            f"sampling noise of the test rows."
+        )
     timing = "\n".join(
         f"| {s} | {r['seconds']['prepare']} | {r['seconds']['pipeline']} | "
         f"{'yes' if all(x.get('cached') for x in r['searches'].values()) else 'no'} |"
@@ -215,12 +225,13 @@ def results_markdown(runs: dict[int, dict], table: str, stats: dict, argv: str) 
 
     lam = "\n".join(f"| {s} | {best(r, 'fisher')} | {best(r, 'isotropic')} |" for s, r in sorted(runs.items()))
     f = first["fisher"]
-    diags = [r["diagnostics"] for r in runs.values() if r.get("diagnostics")]
+    diags = [r["diagnostics"] for r in runs.values() if "at_lambda" in (r.get("diagnostics") or {})]
     diag = (
         f"correlation of log Fisher between the two models {np.mean([d['log_fisher_corr'] for d in diags]):.2f}; "
-        f"effective per-entry λ (10–90 % quantiles) {np.mean([d['effective_lambda_q10'] for d in diags]):.2f}–"
-        f"{np.mean([d['effective_lambda_q90'] for d in diags]):.2f} where isotropic merging has one value; "
-        f"‖θ_Fisher − θ_iso‖ = {np.mean([d['distance_to_isotropic'] for d in diags]):.2f} × ‖θ_0 − θ_1‖ at the same λ."
+        f"at the uniform λ, effective per-entry λ of {first['searches']['fisher']['names'][0]} (10–90 % quantiles) "
+        f"{np.mean([d['effective_lambda_q10'] for d in diags]):.2f}–"
+        f"{np.mean([d['effective_lambda_q90'] for d in diags]):.2f} where isotropic merging has 0.5 everywhere, and "
+        f"‖θ_Fisher − θ_iso‖ = {np.mean([d['distance_to_isotropic'] for d in diags]):.2f} × ‖θ_0 − θ_1‖."
         if diags
         else "not computed."
     )
@@ -301,13 +312,19 @@ def variants_markdown(all_runs: dict[str, dict[int, dict]]) -> str:
             label: np.mean([inner_mean(r["searches"][label]) for r in runs.values()])
             for label in ("fisher", "isotropic")
         }
-        diag = [r["diagnostics"] for r in runs.values() if "diagnostics" in r]
+        diag = [r["diagnostics"] for r in runs.values() if "at_lambda" in (r.get("diagnostics") or {})]
+        u = [
+            np.mean(list(x["uniform_lambda_test_accuracy"]["fisher"].values()))
+            - np.mean(list(x["uniform_lambda_test_accuracy"]["isotropic"].values()))
+            for x in diag
+        ]
         d = (
+            f"{np.mean(u):+.3f} | "
             f"{np.mean([x['effective_lambda_q10'] for x in diag]):.2f}–{np.mean([x['effective_lambda_q90'] for x in diag]):.2f}"
             f" | {np.mean([x['distance_to_isotropic'] for x in diag]):.2f}"
             f" | {np.mean([x['log_fisher_corr'] for x in diag]):.2f}"
             if diag
-            else "– | – | –"
+            else "– | – | – | –"
         )
         rows.append(
             f"| {variant} | {json.dumps(VARIANTS[variant]) if VARIANTS[variant] else 'pipeline.yaml as is'}"
@@ -318,7 +335,7 @@ def variants_markdown(all_runs: dict[str, dict[int, dict]]) -> str:
         )
     return (
         "# Fisher variants on the sentiment + debate example\n\n"
-        "Produced by `examples/sentiment_party/results.py --variant …` (every `runs-*.json` under its root).\n"
+        "Produced by `examples/sentiment_party/results.py --variant …` (the variants saved for these seeds).\n"
         "Each variant changes only the `fisher:` block of `examples/sentiment_party/pipeline.yaml`; the\n"
         "fine-tuned models, the data, the λ grid (on validation) and the isotropic baseline are the same\n"
         "(the isotropic search and baselines come from one cache). Columns: mean over tasks of accuracy;\n"
@@ -326,13 +343,26 @@ def variants_markdown(all_runs: dict[str, dict[int, dict]]) -> str:
         "λ-mean = the validation score averaged over the inner grid points (λ in 0.1 … 0.9): how good the\n"
         "merge is when λ is not tuned;\n"
         "gap = Fisher − isotropic mean test accuracy, mean ± std over seeds; effective λ = where the\n"
-        "Fisher merge puts each entry between the two models (weighted 10 %–90 % quantiles; isotropic\n"
-        "merging is one value); distance = ‖θ_Fisher − θ_iso‖ / ‖θ_0 − θ_1‖ at the same λ;\n"
-        "corr = correlation of log Fisher of the two models.\n\n"
+        "Fisher merge puts each entry between the two models at the uniform λ (weighted 10 %–90 %\n"
+        "quantiles; isotropic merging puts all at 0.5); distance = ‖θ_Fisher − θ_iso‖ / ‖θ_0 − θ_1‖ at the\n"
+        "uniform λ; uniform-λ gap = Fisher − isotropic mean test accuracy, both at the uniform λ (no\n"
+        "search); corr = correlation of log Fisher of the two models.\n\n"
         "| variant | fisher overrides | seeds | Fisher val | isotropic val | Fisher val, λ-mean | isotropic val, λ-mean"
-        " | Fisher test | gap vs isotropic | Fisher ahead | effective λ 10–90 % | distance to iso | corr |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        " | Fisher test | gap vs isotropic | Fisher ahead | uniform-λ gap | effective λ 10–90 % | distance to iso"
+        " | corr |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
+
+
+def saved_runs(root: Path, variant: str, seeds: list[int]) -> dict[int, dict]:
+    """The saved runs of a variant for these seeds; a clear exit when any is missing."""
+    saved = root / f"runs-{variant}.json"
+    if not saved.exists():
+        raise SystemExit(f"no saved runs for variant '{variant}' under {root}: run it without --report-only first")
+    found = {int(s): r for s, r in json.loads(saved.read_text()).items()}
+    missing = [s for s in seeds if s not in found]
+    if missing:
+        raise SystemExit(f"variant '{variant}' has no saved run for seeds {missing}: run them without --report-only")
+    return {s: found[s] for s in seeds}
 
 
 def main() -> None:
@@ -342,13 +372,19 @@ def main() -> None:
     ap.add_argument("--root", default=str(REPO / ".fishmerge" / "results"))
     ap.add_argument("--out", default=str(REPO / "docs"))
     ap.add_argument("--report-only", action="store_true", help="rewrite the docs from the saved runs-*.json")
+    ap.add_argument("--diagnose", action="store_true", help="with --report-only: recompute the diagnostics")
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     for variant in args.variant:
         saved = root / f"runs-{variant}.json"
         if args.report_only:
-            runs = {int(s): r for s, r in json.loads(saved.read_text()).items() if int(s) in args.seeds}
+            runs = saved_runs(root, variant, args.seeds)
+            if args.diagnose:
+                for s, r in runs.items():
+                    r["diagnostics"] = diagnostics(root / f"pipeline-{variant}-seed{s}.yaml", r)
+                everything = {int(k): v for k, v in json.loads(saved.read_text()).items()}
+                saved.write_text(json.dumps({**everything, **runs}, indent=1))
         else:
             runs = {s: run_seed(s, variant, root) for s in args.seeds}
             saved.write_text(json.dumps(runs, indent=1))
@@ -361,8 +397,13 @@ def main() -> None:
             (Path(args.out) / "results_raw.json").write_text(
                 json.dumps({s: {k: r.get(k) for k in keep} for s, r in runs.items()}, indent=1)
             )
-        found = {p.stem.removeprefix("runs-"): p for p in sorted(root.glob("runs-*.json"))}
-        all_runs = {v: {int(s): r for s, r in json.loads(found[v].read_text()).items()} for v in VARIANTS if v in found}
+        found = [v for v in VARIANTS if (root / f"runs-{v}.json").exists()]
+        all_runs = {}
+        for v in found:  # the variants saved for exactly these seeds
+            try:
+                all_runs[v] = saved_runs(root, v, args.seeds)
+            except SystemExit:
+                continue
         (Path(args.out) / "results_variants.md").write_text(variants_markdown(all_runs))
 
 
