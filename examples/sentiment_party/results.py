@@ -244,7 +244,7 @@ def results_markdown(runs: dict[int, dict], table: str, stats: dict, argv: str) 
         means = {k: [np.mean(list(u[k].values())) for u in uniform] for k in ("fisher", "isotropic")}
         gaps = np.array(means["fisher"]) - np.array(means["isotropic"])
         untuned = (
-            f"At the uniform λ (no search; a fixed point declared in advance), mean test accuracy: Fisher "
+            f"At the uniform λ (the config's default weights, no search), mean test accuracy: Fisher "
             f"{np.mean(means['fisher']):.3f}, isotropic {np.mean(means['isotropic']):.3f} (gap per seed "
             f"{', '.join(f'{g:+.3f}' for g in gaps)})."
         )
