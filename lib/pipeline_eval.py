@@ -1,10 +1,10 @@
 """The pipeline's evaluation: merged models against the baselines, on each target's own task.
 
 Merged outputs and baselines are evaluated (and cached) apart: the baselines read no Fisher, so
-every Fisher variant of a merge shares them. Baselines: `originals` (each fine-tuned target model alone), `isotropic` (plain λ-weighted
-average, with its own λ search), `ensemble` (output ensembling: the average of the class
-probabilities that every model's body gives under the target's head, equal weights). Metric
-keys are `<task>/<metric>`, e.g. `rte/accuracy`.
+every Fisher variant of a merge shares them. Baselines: `originals` (each fine-tuned target model
+alone), `isotropic` (plain λ-weighted average, with its own λ search), `ensemble` (output
+ensembling: the average of the class probabilities that every model's body gives under the
+target's head, equal weights). Metric keys are `<task>/<metric>`, e.g. `rte/accuracy`.
 """
 
 from __future__ import annotations

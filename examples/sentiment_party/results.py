@@ -60,7 +60,6 @@ def run_seed(seed: int, variant: str, root: Path) -> dict:
     subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path), "--no-progress"], check=True, cwd=REPO)
     out = json.loads((Path(cfg["output"]) / "pipeline.json").read_text())
     out["seconds"] = {"prepare": round(prep_s, 1), "pipeline": round(time.perf_counter() - t1, 1)}
-    out["fisher_examples"] = cfg["fisher"]["examples"]
     out["fisher"] = load_merge_config(str(path)).fisher.model_dump()  # with the defaults (seed, …)
     out["diagnostics"] = diagnostics(path, out)
     return out
@@ -88,7 +87,7 @@ def diagnostics(config: Path, run: dict) -> dict:
     """
     from lib.merge_config import load_merge_config
     from lib.merge_plan import plan_from_config
-    from lib.merge_search import Scorer, load_inputs, load_state, merge_in_memory
+    from lib.merge_search import Scorer, load_inputs, merge_in_memory, score_candidate
     from lib.pipeline_eval import isotropic_plan
 
     names = run["searches"]["fisher"]["names"]
@@ -116,11 +115,8 @@ def diagnostics(config: Path, run: dict) -> dict:
     scorer = Scorer(cfg, plan, ev.split, ev.limit, cfg.execution.device, ev.batch_size, ev.max_length)
     at_uniform: dict[str, dict[str, float]] = {}
     for label, p in (("fisher", plan), ("isotropic", isotropic_plan(plan))):
-        at_uniform[label] = {}
-        for t in plan.targets:
-            load_state(scorer.models[t.name], merge_in_memory(p, inputs, uniform, t.index))
-            probs = scorer.probabilities(t.name)
-            at_uniform[label][t.name] = scorer.metrics(t.name, probs, ["accuracy"])["accuracy"]
+        scorer.plan = p  # the same models and rows, scored with each method's merge in turn
+        at_uniform[label] = score_candidate(scorer, inputs, uniform, "accuracy")["per_task"]
     return {
         "at_lambda": uniform,
         "uniform_lambda_test_accuracy": at_uniform,
