@@ -23,8 +23,16 @@ def _fields(text: str) -> list[str]:
     return [f.strip() for f in text.split(",") if f.strip()]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with bad flags reported as one `fishmerge: error:` line (exit 2) like every other error."""
+
+    def error(self, message: str):  # noqa: D102
+        print(f"fishmerge: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fishmerge", description="Fisher-weighted model merging.")
+    parser = _Parser(prog="fishmerge", description="Fisher-weighted model merging.")
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fisher", help="estimate the diagonal Fisher of a model on a dataset into a Zarr store")
     f.add_argument("--model", required=True, help="local Hugging Face model directory (safetensors + tokenizer)")
@@ -102,10 +110,8 @@ def _cmd_fisher(args: argparse.Namespace) -> str:
     from lib import storage
     from lib.fisher_job import DEFAULT_STORE_ROOT, FisherSpec, existing_store, resolve
 
-    if args.batch_size <= 0 or args.max_length <= 1:
-        raise FishmergeError("--batch-size must be ≥ 1 and --max-length ≥ 2")
     if args.shards < 1 or args.workers < 1:
-        raise FishmergeError("--shards and --workers must be ≥ 1")
+        raise FishmergeError(f"--shards and --workers must be ≥ 1, got {args.shards} and {args.workers}")
     spec = FisherSpec(
         model=args.model,
         data=args.data,
@@ -171,26 +177,33 @@ def _known_fishers(cfg) -> dict[str, str]:
     return found
 
 
+def _preflight(cfg, **options):
+    """Every check of a merge that needs no estimation, before any flow machinery starts."""
+    from lib import storage
+    from lib.fisher_job import DEFAULT_STORE_ROOT
+    from lib.merge_config import fisher_specs
+    from lib.merge_plan import build_plan
+
+    if fisher_specs(cfg):  # Fishers to estimate: their root must be usable before anything runs
+        storage.check_writable_root(cfg.fisher.store_root or DEFAULT_STORE_ROOT)
+    return build_plan(cfg, _known_fishers(cfg), **options)
+
+
 def _cmd_plan(args: argparse.Namespace) -> str:
     from lib.merge_config import load_merge_config
-    from lib.merge_plan import build_plan, format_plan
+    from lib.merge_plan import format_plan
 
     cfg = load_merge_config(args.config)
-    plan = build_plan(
-        cfg, _known_fishers(cfg), shard_size=args.shard_size, threads=args.threads, overwrite=args.overwrite
-    )
+    plan = _preflight(cfg, shard_size=args.shard_size, threads=args.threads, overwrite=args.overwrite)
     return format_plan(plan)
 
 
 def _cmd_merge(args: argparse.Namespace) -> str:
     from lib.merge_config import load_merge_config
-    from lib.merge_plan import build_plan, format_plan
+    from lib.merge_plan import format_plan
 
     cfg = load_merge_config(args.config)
-    # Every check that needs no estimation runs before any flow machinery starts.
-    plan = build_plan(
-        cfg, _known_fishers(cfg), shard_size=args.shard_size, threads=args.threads, overwrite=args.overwrite
-    )
+    plan = _preflight(cfg, shard_size=args.shard_size, threads=args.threads, overwrite=args.overwrite)
     print(format_plan(plan), file=sys.stderr)
     from flows.merge import run_merge
 
@@ -219,7 +232,12 @@ def _cmd_merge(args: argparse.Namespace) -> str:
 def _cmd_run(args: argparse.Namespace) -> str:
     from lib.merge_config import load_merge_config
 
-    load_merge_config(args.config)  # config errors before any flow machinery starts
+    cfg = load_merge_config(args.config)  # config errors before any flow machinery starts
+    from lib import registry
+
+    registry.tracking_uri(cfg.mlflow.tracking_uri)  # a malformed URI fails here
+    if not any(m.path.startswith("models:/") for m in cfg.models):  # registry inputs are resolved by the flow
+        _preflight(cfg, overwrite=True)  # the pipeline replaces its own earlier output
     from flows.pipeline import run_pipeline
 
     out = run_pipeline(args.config, progress=not args.no_progress)
@@ -269,9 +287,16 @@ def _cmd_history(args: argparse.Namespace) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> str:
-    from lib.fisher_report import inspect_text
+    from lib.fisher_report import inspect_store
 
-    return inspect_text(args.store)
+    text, problems = inspect_store(args.store)
+    if problems:
+        print(text)
+        raise FishmergeError(
+            f"the Fisher store '{args.store}' is damaged: {'; '.join(problems[:3])}"
+            f"{' …' if len(problems) > 3 else ''}. Recompute it (delete it and rerun `fishmerge fisher`)"
+        )
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,6 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fishmerge: interrupted; nothing was written at the output path", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: one line (the traceback with FISHMERGE_DEBUG=1)
+        if os.environ.get("FISHMERGE_DEBUG"):
+            raise
+        print(
+            f"fishmerge: internal error: {type(exc).__name__}: {exc} (a bug in fishmerge: please report it; "
+            "FISHMERGE_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     print(result)
     return 0
 

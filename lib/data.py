@@ -128,6 +128,7 @@ def encode(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     enc = tokenizer(*texts, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+    check_unknown_rate(tokenizer, enc["input_ids"], enc["attention_mask"])
     labels = _label_values(rows[label_field], label2id, regression) if label_field else None
     return Encoded(
         input_ids=enc["input_ids"],
@@ -136,6 +137,23 @@ def encode(
         labels=labels,
         example_ids=list(indices),
     )
+
+
+def check_unknown_rate(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, limit: float = 0.9) -> None:
+    """Refuse a tokenizer that maps nearly every word of the data to its unknown token (a wrong or
+    empty tokenizer would give a Fisher of nothing but [UNK] with exit 0)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids) - {unk}), dtype=input_ids.dtype)
+    ids = input_ids[attention_mask.bool()]
+    words = ids[~torch.isin(ids, special)]
+    if words.numel() >= 20 and float((words == unk).float().mean()) >= limit:
+        raise FishmergeError(
+            f"the tokenizer maps {float((words == unk).float().mean()):.0%} of the data's tokens to "
+            f"{tokenizer.unk_token!r}: it is not this model's tokenizer, or has no vocabulary; save the model's "
+            "own tokenizer next to it"
+        )
 
 
 def data_fingerprint(dataset, indices: Sequence[int], fields: Sequence[str]) -> str:

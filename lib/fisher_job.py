@@ -13,19 +13,27 @@ import hashlib
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from tqdm.auto import tqdm
 
-from lib import storage
-from lib.checkpoint import cached_model_fingerprint, checkpoint_keys, checkpoint_names, load_model, model_architecture
+from lib import safety, storage
+from lib.checkpoint import (
+    cached_model_fingerprint,
+    checkpoint_keys,
+    checkpoint_names,
+    clamp_length,
+    load_model,
+    model_architecture,
+    read_model_config,
+)
 from lib.data import check_columns, data_fingerprint, encode, load_split, select_indices
 from lib.errors import FishmergeError
 from lib.fisher_engine import DEFAULT_MAX_MEMORY, FisherAccumulator
 from lib.fisher_likelihood import detect_head
 from lib.fisher_reduce import CorruptPartials, reduce_partials
 from lib.fisher_shards import Shard, complete_shards, discard_shard, partials_uri, write_partial
-from lib.fisher_store import FORMAT_VERSION, open_fisher_store
+from lib.fisher_store import FORMAT_VERSION, check_store_path, open_fisher_store
 
 DEFAULT_STORE_ROOT = "./.fishmerge/fishers"
 
@@ -91,11 +99,28 @@ def fisher_id(model_fp: str, data_fp: str, spec: FisherSpec, n: int, label_field
     return "f" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def check_spec(spec: FisherSpec) -> None:
+    """Numbers a Fisher is computed with: refused up front with the flag to fix."""
+    if not isinstance(spec.batch_size, int) or spec.batch_size < 1:
+        raise FishmergeError(f"--batch-size must be ≥ 1, got {spec.batch_size}")
+    if not isinstance(spec.max_length, int) or spec.max_length < 2:
+        raise FishmergeError(f"--max-length must be ≥ 2, got {spec.max_length}")
+    if spec.examples is not None and (not isinstance(spec.examples, int) or spec.examples < 1):
+        raise FishmergeError(f"--examples must be ≥ 1, got {spec.examples}")
+    if not isinstance(spec.max_memory, int) or spec.max_memory < 1:
+        raise FishmergeError(f"--max-memory must be a positive size, got {spec.max_memory}")
+
+
 def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAULT_STORE_ROOT) -> Resolved:
     """Fingerprint the inputs and name the store, without loading model weights."""
+    check_spec(spec)
     dataset = load_split(spec.data, spec.split)
     indices = select_indices(len(dataset), spec.examples, spec.seed)
-    head = detect_head(model_architecture(spec.model))
+    arch = model_architecture(spec.model)
+    head = detect_head(arch)
+    length = clamp_length(spec.max_length, read_model_config(spec.model), "Fisher")
+    if length != spec.max_length:
+        spec = replace(spec, max_length=length)  # the length actually used names the Fisher
     label_field = spec.label_field
     needs_labels = spec.estimator == "empirical" and head != "causal_lm"
     if head == "causal_lm" or (label_field and label_field not in dataset.column_names and not needs_labels):
@@ -108,6 +133,16 @@ def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAUL
     model_fp = cached_model_fingerprint(spec.model)
     fid = fisher_id(model_fp, data_fp, spec, len(indices), label_field)
     uri = storage.normalize(store) if store else storage.join(storage.normalize(store_root), f"{fid}.zarr")
+    if not storage.is_remote(uri):
+        for target in (uri, partials_uri(uri)):
+            safety.check_not_input(
+                target,
+                [("model folder", spec.model), ("data", spec.data)],
+                "the Fisher store",
+                "choose a --store (or --store-root) outside the model and data folders",
+            )
+    if store:
+        check_store_path(uri)
     return Resolved(spec, fid, model_fp, data_fp, head, label_field, indices, uri)
 
 
@@ -122,6 +157,9 @@ def existing_store(r: Resolved) -> str | None:
             return None  # a torn content-addressed store: recompute it
         raise
     if attrs.get("fisher_id") == r.fisher_id:
+        # partials left when a run was killed between the commit and their removal (unless kept on purpose)
+        if storage.exists(r.partials) and not storage.exists(storage.join(r.partials, KEEP_MARKER)):
+            _drop_partials(r, keep=False)
         return r.store
     if attrs.get("model_fingerprint") != r.model_fingerprint:
         raise FishmergeError(
@@ -256,9 +294,13 @@ def finish(r: Resolved, plan: list[Shard], summaries: list[dict], wall_s: float,
     return uri
 
 
+KEEP_MARKER = "kept.json"
+
+
 def _drop_partials(r: Resolved, keep: bool) -> None:
     """Best effort: a concurrent run may be removing or writing them at the same moment."""
     if keep:
+        storage.write_json(storage.join(r.partials, KEEP_MARKER), {"fisher_id": r.fisher_id})
         return
     try:
         storage.remove(r.partials)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections import OrderedDict
 
@@ -23,15 +24,19 @@ def layer_of(key: str) -> str:
     return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
 
 
-def tensor_stats(uri: str) -> list[dict]:
-    """Per tensor: shape, mean, max, fraction of zeros, share of the total Fisher mass (chunk by chunk)."""
+def tensor_stats(uri: str, from_data: bool = False) -> list[dict]:
+    """Per tensor: shape, mean, max, fraction of zeros, share of the total Fisher mass.
+
+    By default the statistics recorded at write time (cheap); `from_data` reads every chunk and also
+    counts NaN/Inf values (`nonfinite`), for checking a store that may have been damaged since.
+    """
     group = open_fisher_store(uri)
     rows = []
-    cached = group.attrs.get("tensor_stats")  # written by the reduce; saves reading the store again
-    if cached:
-        for name, arr in sorted(group.arrays(), key=lambda kv: kv[0]):
+    cached = None if from_data else group.attrs.get("tensor_stats")  # written by the reduce
+    for name, arr in sorted(group.arrays(), key=lambda kv: kv[0]):
+        count = max(1, int(np.prod(arr.shape)))
+        if cached and name in cached:
             c = cached[name]
-            count = max(1, int(np.prod(arr.shape)))
             rows.append(
                 {
                     "tensor": name,
@@ -42,23 +47,26 @@ def tensor_stats(uri: str) -> list[dict]:
                     "zero_fraction": c["zero_fraction"],
                 }
             )
-    for name, arr in [] if cached else sorted(group.arrays(), key=lambda kv: kv[0]):
-        total, peak, zeros, count = 0.0, 0.0, 0, 0
+            continue
+        total, peak, zeros, bad = 0.0, 0.0, 0, 0
         step = arr.chunks[0] if arr.ndim else 1
         for start in range(0, max(1, arr.shape[0] if arr.ndim else 1), step):
             block = np.asarray(arr[start : start + step] if arr.ndim else arr[...], dtype=np.float64)
+            finite = np.isfinite(block)
+            bad += int((~finite).sum())
+            block = np.where(finite, block, 0.0)
             total += float(block.sum())
             peak = max(peak, float(block.max(initial=0.0)))
             zeros += int((block == 0).sum())
-            count += block.size
         rows.append(
             {
                 "tensor": name,
                 "shape": list(arr.shape),
                 "mass": total,
-                "mean": total / max(count, 1),
+                "mean": total / count,
                 "max": peak,
-                "zero_fraction": zeros / max(count, 1),
+                "zero_fraction": zeros / count,
+                "nonfinite": bad,
             }
         )
     mass = sum(r["mass"] for r in rows) or 1.0
@@ -81,22 +89,31 @@ def layer_mass(rows: list[dict]) -> OrderedDict[str, float]:
     return out
 
 
-def inspect_text(uri: str) -> str:
-    """The `fishmerge inspect` report: attributes, then a per-tensor table."""
+def inspect_store(uri: str) -> tuple[str, list[str]]:
+    """The `fishmerge inspect` report (attributes, then a per-tensor table computed from the stored
+    values) and its problems: tensors holding NaN/Inf, or values that differ from what was recorded."""
     group = open_fisher_store(uri)
     lines = [f"Fisher store {storage.normalize(uri)}"]
     for k, v in sorted(dict(group.attrs).items()):
         if k != "tensor_stats":  # shown as the table below
             lines.append(f"  {k}: {v}")
-    rows = tensor_stats(uri)
+    recorded = group.attrs.get("tensor_stats") or {}
+    rows = tensor_stats(uri, from_data=True)
+    problems = []
     lines.append("")
-    lines.append(f"{'tensor':60s} {'shape':>16s} {'mean':>11s} {'max':>11s} {'zeros':>7s} {'mass':>7s}")
+    lines.append(f"{'tensor':60s} {'shape':>16s} {'mean':>11s} {'max':>11s} {'zeros':>7s} {'mass':>7s} {'NaN/Inf':>8s}")
     for r in rows:
         lines.append(
             f"{r['tensor'][:60]:60s} {str(tuple(r['shape'])):>16s} {r['mean']:11.4e} {r['max']:11.4e} "
-            f"{r['zero_fraction']:7.1%} {r['mass_share']:7.2%}"
+            f"{r['zero_fraction']:7.1%} {r['mass_share']:7.2%} {r['nonfinite']:8d}"
         )
-    return "\n".join(lines)
+        if r["nonfinite"]:
+            problems.append(f"'{r['tensor']}' holds {r['nonfinite']} NaN/Inf value(s)")
+        elif r["tensor"] in recorded:
+            want = float(recorded[r["tensor"]].get("mass", r["mass"]))
+            if not math.isclose(want, r["mass"], rel_tol=1e-4, abs_tol=1e-30):
+                problems.append(f"'{r['tensor']}' sums to {r['mass']:.6g}, recorded {want:.6g} at write time")
+    return "\n".join(lines), problems
 
 
 def layer_mass_markdown(rows: list[dict]) -> str:

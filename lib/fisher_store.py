@@ -11,9 +11,9 @@ Written aside and renamed into place, so a reader never sees a half-written stor
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import os
-import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from lib import __version__, storage
+from lib import __version__, safety, storage
 from lib.errors import FishmergeError
 
 FORMAT = "fishmerge.fisher"
@@ -55,20 +55,72 @@ def create_fisher_array(group: zarr.Group, key: str, shape: tuple[int, ...]) -> 
     return group.create_array(name=key, shape=shape, dtype="float32", chunks=chunk_shape(shape), compressors=None)
 
 
+WRITING = "writing"  # `format_state` of a remote store being written in place (no rename on S3)
+_held: dict[str, safety.Lock] = {}  # staging folder -> this process's lock on it
+
+
+def is_fisher_store(uri: str) -> bool:
+    """The path holds a group whose attributes say it is a fishmerge Fisher store (complete or being
+    written by fishmerge): the only kind of store fishmerge ever replaces or removes."""
+    meta = storage.join(storage.normalize(uri), "zarr.json")
+    if not storage.is_remote(uri):
+        p = Path(meta)
+        if not p.is_file() or p.stat().st_size > 64 * 2**20:
+            return False
+        try:
+            attrs = json.loads(p.read_text()).get("attributes", {})
+        except (OSError, ValueError, AttributeError):
+            return False
+    else:
+        attrs = (storage.read_json(meta) or {}).get("attributes", {})
+    return isinstance(attrs, dict) and attrs.get("format") == FORMAT
+
+
+def _replaceable(p: Path) -> bool:
+    return is_fisher_store(str(p)) or (p.is_dir() and not any(p.iterdir()))
+
+
+def check_store_path(uri: str) -> None:
+    """A store location must be free, or hold a fishmerge Fisher store: anything else is the user's."""
+    uri = storage.normalize(uri)
+    if storage.is_remote(uri):
+        if storage.exists(uri) and storage.listdir(uri) and not is_fisher_store(uri):
+            raise FishmergeError(
+                f"'{uri}' already holds objects that are not a fishmerge Fisher store: fishmerge never "
+                "overwrites them; choose another --store"
+            )
+        return
+    p = Path(uri)
+    if p.is_symlink() or (p.exists() and not p.is_dir()):
+        raise FishmergeError(
+            f"'{uri}' is a file, not a Fisher store: fishmerge never replaces it; choose another --store"
+        )
+    if p.is_dir() and any(p.iterdir()) and not is_fisher_store(uri):
+        raise FishmergeError(
+            f"'{uri}' is an existing folder that is not a Fisher store (no fishmerge format attributes): "
+            "fishmerge never deletes it; choose another --store, or an empty or new folder"
+        )
+
+
 def begin_store(uri: str) -> tuple[str, zarr.Group]:
     """An empty group to fill; local stores are staged in a hidden sibling and renamed on commit."""
     uri = storage.normalize(uri)
+    check_store_path(uri)
     if storage.is_remote(uri):
-        storage.remove(uri)  # object stores have no rename: write in place, attributes last
+        storage.remove(uri)  # proven a fishmerge store (or absent): object stores have no rename
         staging = uri
-    else:
-        dest = Path(uri)
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise FishmergeError(f"cannot create the store's folder '{dest.parent}': {exc}") from exc
-        staging = str(dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-    return staging, zarr.open_group(store=storage.zarr_store(staging), mode="w", zarr_format=3)
+        group = zarr.open_group(store=storage.zarr_store(staging), mode="w", zarr_format=3)
+        group.attrs.update({"format": FORMAT, "format_state": WRITING})  # ours from the first byte
+        return staging, group
+    dest = Path(uri)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FishmergeError(f"cannot create the store's folder '{dest.parent}': {exc}") from exc
+    safety.remove_stale(dest.parent, f".{dest.name}.tmp-*")  # left by killed runs (no live holder)
+    staging = str(dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _held[staging] = safety.Lock(staging)
+    return staging, zarr.open_group(store=storage.zarr_store(staging), mode="a", zarr_format=3)
 
 
 def commit_store(staging: str, uri: str, group: zarr.Group, attrs: Mapping[str, object]) -> str:
@@ -83,16 +135,28 @@ def commit_store(staging: str, uri: str, group: zarr.Group, attrs: Mapping[str, 
     missing = [k for k in REQUIRED_ATTRS if k not in full]
     if missing:
         raise FishmergeError(f"Fisher store attributes {missing} are required by format v1")
-    group.attrs.update(full)
     uri = storage.normalize(uri)
-    if not storage.is_remote(uri):
-        replace_dir(Path(staging), Path(uri))
+    if storage.is_remote(uri):
+        group.attrs.put(full)  # replaces the `writing` state: complete from here on
+        return uri
+    group.attrs.update(full)
+    lock = _held.pop(staging, None)
+    try:
+        if lock:
+            lock.unlink()  # still held through its descriptor until the rename is done
+        safety.replace_owned(Path(staging), Path(uri), _replaceable, "a Fisher store")
+    finally:
+        if lock:
+            lock.release()
     return uri
 
 
 def abort_store(staging: str) -> None:
     """Remove what a failed write left (the staging folder, or the partial remote store)."""
     storage.remove(staging)
+    lock = _held.pop(staging, None)
+    if lock:
+        lock.release()
 
 
 def write_fisher_store(uri: str, tensors: Mapping[str, np.ndarray], attrs: Mapping[str, object]) -> str:
@@ -110,17 +174,6 @@ def write_fisher_store(uri: str, tensors: Mapping[str, np.ndarray], attrs: Mappi
         raise
 
 
-def replace_dir(src: Path, dest: Path) -> None:
-    """Rename src over dest; an existing dest is moved aside first and removed after."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(dest, old)
-    os.rename(src, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def open_fisher_store(uri: str) -> zarr.Group:
     """Open a store read-only, checking it is a fishmerge Fisher of a version this code reads."""
     uri = storage.normalize(uri)
@@ -133,6 +186,10 @@ def open_fisher_store(uri: str) -> zarr.Group:
     attrs = dict(group.attrs)
     if attrs.get("format") != FORMAT:
         raise FishmergeError(f"'{uri}' is not a fishmerge Fisher store (format={attrs.get('format')!r})")
+    if attrs.get("format_state") == WRITING:
+        raise FishmergeError(
+            f"the Fisher store '{uri}' is incomplete (its write was interrupted): rerun to recompute it"
+        )
     if attrs.get("format_version") != FORMAT_VERSION:
         raise FishmergeError(
             f"'{uri}' has Fisher store format_version {attrs.get('format_version')}; this fishmerge reads "

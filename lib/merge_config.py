@@ -8,6 +8,7 @@ memory_limit. Relative paths are resolved against the config file's folder.
 from __future__ import annotations
 
 import difflib
+import math
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -21,7 +22,35 @@ from lib.sizes import parse_size
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are errors; NaN and ±Inf never pass as numbers (they would reach tensors).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _at_least(low: float, *names: str):
+    """A field validator: each named number (None allowed) must be ≥ low."""
+
+    def check(cls, v):
+        if v is not None and v < low:
+            raise ValueError(f"must be ≥ {low:g}, got {v}")
+        return v
+
+    return field_validator(*names)(classmethod(check))
+
+
+MLFLOW_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
+
+
+def check_tracking_uri(uri: str) -> str:
+    """An MLflow tracking URI of a scheme MLflow serves (a typo fails here, not as 'no registered model')."""
+    if "://" not in uri and not uri.startswith(("sqlite:", "file:", "databricks")):
+        return uri  # a plain path: MLflow's file store
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme not in MLFLOW_SCHEMES:
+        raise FishmergeError(
+            f"unsupported MLflow tracking URI '{uri}': use sqlite:///path/mlflow.db, http(s)://host:port, "
+            f"or another scheme MLflow serves ({', '.join(MLFLOW_SCHEMES)})"
+        )
+    return uri
 
 
 class DataConfig(_Strict):
@@ -50,7 +79,7 @@ class ModelConfig(_Strict):
 class FisherConfig(_Strict):
     estimator: Literal["exact", "sampled", "empirical"] = "exact"
     examples: int = 1024
-    floor: float = 1e-6
+    floor: float = 1e-6  # ≥ 0: F̃ = max(F, floor)
     favor_target: bool = True
     normalize: bool = False  # measured better on real MiniLM merges (brief); λ search covers both
     seed: int = 0
@@ -58,6 +87,10 @@ class FisherConfig(_Strict):
     batch_size: int = 16
     shards: int = 1
     store_root: str | None = None  # default: ./.fishmerge/fishers of the working directory
+
+    _floor = _at_least(0, "floor")
+    _counts = _at_least(1, "examples", "batch_size", "shards")
+    _length = _at_least(2, "max_length")
 
 
 class SearchConfig(_Strict):
@@ -78,6 +111,8 @@ class SearchConfig(_Strict):
             raise ValueError(f"points must be ≥ 2, got {v}")
         return v
 
+    _counts = _at_least(1, "limit", "workers")
+
 
 class EvaluateConfig(_Strict):
     """Evaluation of the merged models and the baselines on each task's evaluation split."""
@@ -90,6 +125,9 @@ class EvaluateConfig(_Strict):
     limit: int | None = None  # examples per task (default: the whole split)
     batch_size: int = 32
     max_length: int = 128
+
+    _counts = _at_least(1, "limit", "batch_size")
+    _length = _at_least(2, "max_length")
 
 
 class PromoteConfig(_Strict):
@@ -106,6 +144,16 @@ class RegisterConfig(_Strict):
 class MlflowConfig(_Strict):
     tracking_uri: str | None = None  # env MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db
     experiment: str | None = None  # default: the config's name
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                check_tracking_uri(v)
+            except FishmergeError as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
 
 class ExecutionConfig(_Strict):
@@ -146,7 +194,23 @@ class MergeConfig(_Strict):
     @field_validator("memory_limit", "shard_size", mode="before")
     @classmethod
     def _size(cls, v):
-        return parse_size(v)
+        if isinstance(v, bool):
+            raise ValueError(f"not a size: {v!r} (try 2GB or 512MiB)")
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise ValueError(f"not a size: {v} (try 2GB or 512MiB)")
+            v = int(v)
+        size = parse_size(v)
+        if size <= 0:
+            raise ValueError(f"must be a positive size (e.g. 2GB), got {v!r}")
+        return size
+
+    @field_validator("name", "output")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
 
     @field_validator("method")
     @classmethod
@@ -205,13 +269,24 @@ def _where(loc: tuple) -> str:
     return out
 
 
+MAX_CONFIG_BYTES = 10 * 2**20
+
+
 def load_merge_config(path: str | Path) -> MergeConfig:
     """Read and validate a merge config; every problem is reported at once, by key path."""
     p = Path(path)
+    if p.is_dir():
+        raise FishmergeError(f"config '{p}' is a folder: pass the merge config file (YAML)")
     try:
-        raw = yaml.safe_load(p.read_text())
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise FishmergeError(f"config '{p}' is {p.stat().st_size} bytes: not a merge config (YAML)")
+        raw = yaml.safe_load(p.read_bytes().decode("utf-8"))
     except FileNotFoundError as exc:
         raise FishmergeError(f"config '{p}' does not exist") from exc
+    except UnicodeDecodeError as exc:
+        raise FishmergeError(f"config '{p}' is not a text file: pass the merge config (YAML)") from exc
+    except OSError as exc:
+        raise FishmergeError(f"cannot read config '{p}': {exc}") from exc
     except yaml.YAMLError as exc:
         raise FishmergeError(f"config '{p}' is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
@@ -229,8 +304,12 @@ def load_merge_config(path: str | Path) -> MergeConfig:
                 problems.append(f"{_where(loc)}: unknown key; {hint}")
             else:
                 msg = err["msg"].removeprefix("Value error, ")
+                if err["type"] == "finite_number":
+                    msg = "must be a finite number (not NaN or Inf)"
                 problems.append(f"{_where(loc) or 'config'}: {msg}")
-        raise FishmergeError(f"config '{p}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems)) from None
+        if len(problems) == 1:
+            raise FishmergeError(f"config '{p}': {problems[0]}") from None
+        raise FishmergeError(f"config '{p}' has {len(problems)} problems:\n  " + "\n  ".join(problems)) from None
     return _resolve_paths(cfg, p.parent)
 
 

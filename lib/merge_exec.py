@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,11 +23,22 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from lib import safety
 from lib.errors import FishmergeError
-from lib.fisher_store import FisherReader, replace_dir
+from lib.fisher_store import FisherReader
 from lib.merge_output import write_metadata
-from lib.merge_plan import MergePlan, identical_output_exists
-from lib.safetensors_io import OutputTensor, create_file, encode, layout_file, read_raw, read_rows, write_rows
+from lib.merge_plan import MergePlan, identical_output_exists, replaceable_output
+from lib.safetensors_io import (
+    FLOAT_DTYPES,
+    OutputTensor,
+    create_file,
+    decode,
+    encode,
+    layout_file,
+    read_raw,
+    read_rows,
+    write_rows,
+)
 
 JOURNAL = "journal.tsv"
 
@@ -49,16 +61,18 @@ def output_layout(plan: MergePlan) -> dict[str, dict[str, tuple[str, OutputTenso
 
 
 def prepare_staging(plan: MergePlan) -> Path:
-    """The staging folder of this plan: reused when a run of the same plan was interrupted."""
+    """The staging folder of this plan, held by this process's lock (the caller holds it): reused
+    when a run of the same plan was interrupted, else laid out afresh."""
     staging = Path(plan.staging)
     out = Path(plan.output)
-    for stale in out.parent.glob(f".{out.name}.staging-*"):  # interrupted runs of other plans
-        if stale != staging:
-            shutil.rmtree(stale, ignore_errors=True)
+    # interrupted runs of other plans to this output; a live concurrent run holds its lock and is left alone
+    safety.remove_stale(out.parent, f".{out.name}.staging-*", keep=[staging])
     marker = staging / "plan.json"
     if marker.exists() and (staging / "out").is_dir():
         return staging
-    shutil.rmtree(staging, ignore_errors=True)
+    for entry in staging.iterdir():
+        if entry.name != safety.LOCK_NAME:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     (staging / "out").mkdir(parents=True)
     for t in plan.targets:
         (staging / "out" / t.name).mkdir()
@@ -69,6 +83,14 @@ def prepare_staging(plan: MergePlan) -> Path:
             create_file(staging / "out" / t.name / f.name, header, size)
     (staging / "plan.json").write_text(json.dumps({"plan_id": plan.plan_id, "output": plan.output}))
     return staging
+
+
+def remove_staging(staging: Path) -> None:
+    """Remove this process's own staging folder (its lock file last: nobody takes it over half-removed)."""
+    for entry in staging.iterdir() if staging.is_dir() else []:
+        if entry.name != safety.LOCK_NAME:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 _journal_lock = threading.Lock()
@@ -143,21 +165,29 @@ def _fisher_rows(plan: MergePlan, m_index: int, key: str, r0: int, r1: int) -> n
     return values.reshape((r1 - r0, *m.refs[key].shape[1:]) if m.refs[key].shape else ())
 
 
-def _rows(ref, r0: int, r1: int) -> np.ndarray:
+def _rows(ref, r0: int, r1: int, who: str = "", key: str = "") -> np.ndarray:
     values = read_rows(ref, r0, r1)
+    if who:
+        check_finite(values, f"{who} has NaN/Inf in '{key}'", "fix or re-save that checkpoint")
     return values if ref.shape else values.reshape(())
+
+
+def check_finite(values: np.ndarray, problem: str, fix: str) -> None:
+    """Every number that reaches an output tensor is finite: stop the merge (nothing at the output) otherwise."""
+    if not np.isfinite(values).all():
+        raise FishmergeError(f"{problem}: {fix}. Nothing was written at the output.")
 
 
 def merge_block(plan: MergePlan, context: dict, staging: str, key: str, r0: int, r1: int) -> int:
     """Merge rows [r0, r1) of `key` for every target and write them in place; returns bytes written."""
     layout = context["layout"]
-    thetas = [_rows(m.refs[key], r0, r1) for m in plan.models]
+    thetas = [_rows(m.refs[key], r0, r1, f"input model '{m.name}'", key) for m in plan.models]
     method = plan.merge_method
     kwargs: dict = {"options": plan.options}
     if method.needs_fisher:
         kwargs["fishers"] = [_fisher_rows(plan, i, key, r0, r1) for i in range(len(plan.models))]
     if method.needs_base:
-        kwargs["base"] = _rows(plan.base.refs[plan.base_keys[key]], r0, r1)
+        kwargs["base"] = _rows(plan.base.refs[plan.base_keys[key]], r0, r1, "the base model", key)
     if plan.method == "ties":
         kwargs["context"] = {"ties_thresholds": context["ties_thresholds"][key]}
     written = 0
@@ -165,6 +195,7 @@ def merge_block(plan: MergePlan, context: dict, staging: str, key: str, r0: int,
     for t in plan.targets:
         if method.needs_fisher or shared_result is None:  # only the fisher formula depends on the target
             merged = method.merge(thetas, np.asarray(plan.weights), target=t.index, **kwargs)
+            check_finite(merged, f"merging '{key}' gave NaN/Inf", "check the weights, `scale` and the inputs")
             shared_result = merged
         rel, ot = layout[t.name][key]
         data = encode(shared_result, ot.dtype)
@@ -198,10 +229,15 @@ def copy_block(plan: MergePlan, context: dict, staging: str, target: str, key: s
     t = next(t for t in plan.targets if t.name == target)
     ref = plan.models[t.index].refs[key]
     rel, ot = context["layout"][target][key]
+    who = f"input model '{target}' has NaN/Inf in '{key}'"
     if ot.dtype == ref.dtype:
         data = read_raw(ref, r0, r1)
+        if ref.dtype in FLOAT_DTYPES:
+            check_finite(decode(data, ref.dtype, (-1,)), who, "fix or re-save that checkpoint")
     else:
-        data = encode(read_rows(ref, r0, r1), ot.dtype)
+        values = read_rows(ref, r0, r1)
+        check_finite(values, who, "fix or re-save that checkpoint")
+        data = encode(values, ot.dtype)
     write_rows(os.path.join(staging, "out", rel), ot, r0, data)
     context["journal"].add(f"{target}::{key}", r0, r1)
     return len(data)
@@ -217,7 +253,10 @@ def _fisher_sq_sum(plan: MergePlan, m_index: int, key: str, r0: int, r1: int) ->
 
 def _ties_hist(plan: MergePlan, m_index: int, key: str, r0: int, r1: int, bucket: int | None) -> np.ndarray:
     """Histogram of |θᵢ − base| float32 bit patterns: high 16 bits, or low 16 bits within one high bucket."""
-    tv = _rows(plan.models[m_index].refs[key], r0, r1) - _rows(plan.base.refs[plan.base_keys[key]], r0, r1)
+    m = plan.models[m_index]
+    tv = _rows(m.refs[key], r0, r1, f"input model '{m.name}'", key) - _rows(
+        plan.base.refs[plan.base_keys[key]], r0, r1, "the base model", key
+    )
     bits = np.abs(tv).ravel().view(np.uint32)
     if bucket is None:
         return np.bincount(bits >> 16, minlength=65536)
@@ -358,24 +397,47 @@ def execute(
     overwrite: bool = False,
     on_block: Callable[[int], None] | None = None,
 ) -> dict:
-    """Run the plan to completion (resuming an interrupted run of it); return a summary with timings."""
-    import dask
+    """Run the plan to completion (resuming an interrupted run of it); return a summary with timings.
 
+    The staging folder is held by this process's lock for the whole run: a second run of the same
+    plan waits for it (then finds the output done), and runs of other plans to the same output
+    never take it for a leftover.
+    """
     started = time.perf_counter()
     if identical_output_exists(plan):  # computed once, reused by every later run of the same merge
-        return {
-            "output": plan.output,
-            "targets": {t.name: str(Path(plan.output) / t.name) for t in plan.targets},
-            "blocks": 0,
-            "blocks_resumed": 0,
-            "bytes_written": 0,
-            "precompute_s": 0.0,
-            "merge_s": 0.0,
-            "wall_s": round(time.perf_counter() - started, 3),
-            "context": {},
-            "reused": True,
-        }
-    staging = prepare_staging(plan)
+        return _reused(plan, started)
+    staging = Path(plan.staging)
+    try:
+        held = safety.Lock(staging, blocking=False)
+    except BlockingIOError:
+        print(f"merge: waiting for another fishmerge run of the same merge ({staging})", file=sys.stderr)
+        held = safety.Lock(staging)
+    with held:
+        if identical_output_exists(plan):  # the run we waited for finished it
+            remove_staging(staging)
+            return _reused(plan, started)
+        return _execute_held(plan, staging, address, progress, overwrite, started)
+
+
+def _reused(plan: MergePlan, started: float) -> dict:
+    return {
+        "output": plan.output,
+        "targets": {t.name: str(Path(plan.output) / t.name) for t in plan.targets},
+        "blocks": 0,
+        "blocks_resumed": 0,
+        "bytes_written": 0,
+        "precompute_s": 0.0,
+        "merge_s": 0.0,
+        "wall_s": round(time.perf_counter() - started, 3),
+        "context": {},
+        "reused": True,
+    }
+
+
+def _execute_held(plan: MergePlan, staging: Path, address: str | None, progress: bool, overwrite: bool, started: float):
+    import dask
+
+    prepare_staging(plan)
     journal = Journal(staging / JOURNAL)
     done = journal.done()
     try:
@@ -405,7 +467,7 @@ def execute(
                     tasks.append(dask.delayed(copy_block, pure=False)(plan_d, ctx_d, str(staging), t.name, key, r0, r1))
         written = run_tasks(tasks, address, plan.threads, f"merge {plan.config_name}", progress)
     except FishmergeError:
-        shutil.rmtree(staging, ignore_errors=True)  # bad input: a rerun cannot fix it, leave nothing behind
+        remove_staging(staging)  # bad input: a rerun cannot fix it, leave nothing behind
         raise
     merge_s = time.perf_counter() - started - pre_s
     write_metadata(plan, staging / "out", ctx)
@@ -416,10 +478,18 @@ def execute(
         finally:
             os.close(fd)
     out = Path(plan.output)
-    if out.exists() and not overwrite:
-        raise FishmergeError(f"the output '{out}' appeared while merging: pass --overwrite to replace it")
-    replace_dir(staging / "out", out)
-    shutil.rmtree(staging, ignore_errors=True)
+    if out.exists() and any(out.iterdir()) and not overwrite and not identical_output_exists(plan):
+        remove_staging(staging)
+        raise FishmergeError(
+            f"the output '{out}' was written by another fishmerge run while this one merged: choose another "
+            "`output:`, or pass --overwrite to replace it"
+        )
+    try:
+        safety.replace_owned(staging / "out", out, replaceable_output, "a fishmerge output")
+    except FishmergeError:
+        remove_staging(staging)
+        raise
+    remove_staging(staging)
     return {
         "output": str(out),
         "targets": {t.name: str(out / t.name) for t in plan.targets},

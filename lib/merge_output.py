@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from lib import __version__
-from lib.merge_plan import MergePlan
+from lib.merge_plan import OUTPUT_MARKER, MergePlan
 
 SKIP = {"model.safetensors.index.json", "README.md", "fishmerge.json", ".fishmerge-fingerprint.json"}
 _TORCH_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -112,5 +112,7 @@ def write_metadata(plan: MergePlan, out_root: Path, context: dict) -> None:
             }
             (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         record = lineage(plan, t.name)
-        (dst / "fishmerge.json").write_text(json.dumps(record, indent=2) + "\n")
+        (dst / "fishmerge.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
         (dst / "README.md").write_text(model_card(record))
+    marker = {"plan_id": plan.plan_id, "targets": [t.name for t in plan.targets], "fishmerge_version": __version__}
+    (out_root / OUTPUT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")

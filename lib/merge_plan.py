@@ -14,11 +14,12 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib import __version__
-from lib.checkpoint import cached_model_fingerprint, model_architecture
+from lib import __version__, safety
+from lib.checkpoint import cached_model_fingerprint, model_architecture, read_model_config
 from lib.errors import FishmergeError
 from lib.fisher_store import open_fisher_store
 from lib.merge_config import MergeConfig
@@ -135,7 +136,7 @@ def _is_head(key: str, architecture: str, prefix: str) -> bool:
 def _open_model(name: str, path: str, weight: float, problems: list[str]) -> ModelInput | None:
     try:
         arch = model_architecture(path)
-        cfg = json.loads((Path(path) / "config.json").read_text())
+        cfg = read_model_config(path)
         refs = tensor_index(path)
         fp = cached_model_fingerprint(path)
     except FishmergeError as exc:
@@ -149,11 +150,12 @@ def _open_base(path: str, problems: list[str]) -> ModelInput | None:
     try:
         refs = tensor_index(path)
         fp = cached_model_fingerprint(path)
-        cfg = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").exists() else {}
+        cfg = read_model_config(path) if (Path(path) / "config.json").exists() else {}
     except FishmergeError as exc:
         problems.append(f"base: {exc}")
         return None
-    arch = (cfg.get("architectures") or ["?"])[0]
+    archs = cfg.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else "?"
     return ModelInput("base", path, 0.0, fp, arch, cfg.get("model_type", "?"), refs)
 
 
@@ -303,7 +305,14 @@ def build_plan(
     if problems:
         raise _error(problems)
 
-    size = parse_size(shard_size) if shard_size is not None else cfg.shard_size
+    try:
+        size = parse_size(shard_size) if shard_size is not None else cfg.shard_size
+    except ValueError as exc:
+        raise FishmergeError(f"--shard-size: {exc}") from exc
+    if size <= 0:
+        raise FishmergeError(f"--shard-size must be a positive size (e.g. 2GB), got {shard_size}")
+    if threads is not None and threads < 1:
+        raise FishmergeError(f"--threads must be ≥ 1, got {threads}")
     for tp in targets:
         tp.files = _shard_files(list(models[tp.index].refs), tp.dtypes, models[tp.index].refs, size)
 
@@ -367,8 +376,20 @@ def build_plan(
     )
     plan.plan_id = plan_identity(plan, cfg.dtype)
     if check_output:
-        check_output_path(plan, overwrite)
+        check_output_path(plan, overwrite, input_paths(cfg, plan))
     return plan
+
+
+def input_paths(cfg: MergeConfig, plan: MergePlan | None = None) -> list[tuple[str, str | None]]:
+    """(what, path) of every input of a merge: models, base, Fisher stores, data (never written over)."""
+    out: list[tuple[str, str | None]] = [("base model", cfg.base)]
+    for m in cfg.models:
+        out += [(f"input model '{m.name}'", m.path), (f"Fisher store of '{m.name}'", m.fisher)]
+        if m.data:
+            out.append((f"data of '{m.name}'", m.data.path))
+    for m in plan.models if plan else []:
+        out.append((f"Fisher store of '{m.name}'", m.fisher))
+    return out
 
 
 def plan_from_config(
@@ -429,18 +450,59 @@ def identical_output_exists(plan: MergePlan) -> bool:
     return True
 
 
-def check_output_path(plan: MergePlan, overwrite: bool) -> None:
-    """The output must not exist (unless overwrite, or it is this very merge) and its disk must hold it."""
+OUTPUT_MARKER = "fishmerge-output.json"  # at the root of every output folder fishmerge writes
+REPORT_FILES = ("report.md", "pipeline.json", "lambda_curve.png", "tasks.png")  # the pipeline's, beside targets
+
+
+def replaceable_output(path: str | Path) -> bool:
+    """A merge output fishmerge wrote, or an empty folder (nothing to lose)."""
+    p = Path(path)
+    return is_fishmerge_output(p) or (p.is_dir() and not p.is_symlink() and not any(p.iterdir()))
+
+
+def is_fishmerge_output(path: str | Path) -> bool:
+    """The folder is a merge output fishmerge wrote (its marker; or, from before the marker, nothing but
+    target folders with fishmerge.json and the pipeline's report files): the only folder --overwrite replaces."""
+    p = Path(path)
+    if p.is_symlink() or not p.is_dir():
+        return False
+    if (p / OUTPUT_MARKER).is_file():
+        return True
+    entries = list(p.iterdir())
+    targets = [e for e in entries if e.is_dir() and (e / "fishmerge.json").is_file()]
+    reports = [e for e in entries if e.is_file() and (e.name in REPORT_FILES or e.name.startswith("fisher_mass_"))]
+    return bool(targets) and len(targets) + len(reports) == len(entries)
+
+
+def check_output_path(plan: MergePlan, overwrite: bool, inputs: list[tuple[str, str | None]] = ()) -> None:
+    """The output must not be or touch an input, must not exist unless it is a fishmerge output to
+    replace (--overwrite) or this very merge, must be writable, and its disk must hold it."""
     out = Path(plan.output)
+    safety.check_not_input(out, inputs, "the output", "choose an `output:` outside every input")
     if identical_output_exists(plan):
         return
-    if out.exists() and not overwrite:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FishmergeError(f"the output '{out}' exists and is not a folder: choose another `output:`")
+    if out.exists() and any(out.iterdir()) and not is_fishmerge_output(out):
         raise FishmergeError(
-            f"the output '{out}' already exists: choose another `output:`, or pass --overwrite to replace it"
+            f"the output '{out}' exists and is not a fishmerge output (no {OUTPUT_MARKER}): fishmerge never "
+            "replaces it; choose another `output:` (a new folder)"
+        )
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FishmergeError(
+            f"the output '{out}' already holds another fishmerge merge: choose another `output:`, or pass "
+            "--overwrite to replace it"
         )
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".fishmerge-probe-"):
+            pass
+    except OSError as exc:
+        raise FishmergeError(
+            f"cannot write the output under '{parent}' ({exc.strerror or exc}): choose a writable `output:`"
+        ) from exc
     staged = _staged_bytes(plan)
     free = shutil.disk_usage(parent).free
     need = plan.bytes_written - staged

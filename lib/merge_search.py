@@ -57,12 +57,14 @@ class MergeInputs:
 def load_inputs(plan: MergePlan) -> MergeInputs:
     """Read the shared tensors of every model (and Fishers, base) once, for many candidate merges."""
     from lib.fisher_store import open_fisher_store
-    from lib.merge_exec import ties_thresholds_streaming
+    from lib.merge_exec import check_finite, ties_thresholds_streaming
 
-    def full(ref):
-        return read_rows(ref, 0, ref.rows).reshape(ref.shape)
+    def full(ref, who: str, key: str):
+        values = read_rows(ref, 0, ref.rows).reshape(ref.shape)
+        check_finite(values, f"{who} has NaN/Inf in '{key}'", "fix or re-save that checkpoint")
+        return values
 
-    thetas = [{k: full(m.refs[k]) for k in plan.shared} for m in plan.models]
+    thetas = [{k: full(m.refs[k], f"input model '{m.name}'", k) for k in plan.shared} for m in plan.models]
     fishers = None
     if plan.merge_method.needs_fisher:
         fishers = []
@@ -73,7 +75,7 @@ def load_inputs(plan: MergePlan) -> MergeInputs:
             if bad:
                 raise FishmergeError(f"the Fisher store '{m.fisher}' of model '{m.name}' holds NaN/Inf in {bad[:3]}")
             fishers.append(f)
-    base = {k: full(plan.base.refs[plan.base_keys[k]]) for k in plan.shared} if plan.base else None
+    base = {k: full(plan.base.refs[plan.base_keys[k]], "the base model", k) for k in plan.shared} if plan.base else None
     context: dict = {}
     if fishers is not None and plan.options.normalize:
         context["fisher_norms"] = [
@@ -147,7 +149,7 @@ class Scorer:
         batch_size: int = 32,
         max_length: int = 128,
     ):
-        from lib.checkpoint import load_model
+        from lib.checkpoint import clamp_length, load_model
 
         self.plan = plan
         self.models, self.tokenizers, self.tasks = {}, {}, {}
@@ -157,6 +159,8 @@ class Scorer:
             self.models[t.name], self.tokenizers[t.name] = model, tok
             self.tasks[t.name] = task_data(cfg, t.name, split, limit, getattr(model.config, "label2id", None))
         self.device = device
+        for model in self.models.values():  # the position table bounds the length for every target
+            max_length = clamp_length(max_length, model.config, "λ search and evaluation")
         self.batch_size, self.max_length = batch_size, max_length
 
     def probabilities(self, target: str, model: torch.nn.Module | None = None) -> np.ndarray:

@@ -106,6 +106,9 @@ def log_pipeline_run(
                 )
                 if created:
                     decisions[name] = registry.apply_promotion(name, version, metrics, policy)
+                elif not registry.is_decided(name, version):  # a killed run registered it but did not decide
+                    registry.resume_registration(name, version)
+                    decisions[name] = registry.apply_promotion(name, version, metrics, policy)
                 else:
                     decisions[name] = {
                         "version": version,

@@ -35,6 +35,7 @@ from mlflow.exceptions import MlflowException
 
 from lib.checkpoint import safetensors_files
 from lib.errors import FishmergeError
+from lib.merge_config import check_tracking_uri
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -48,7 +49,7 @@ HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUES
 
 def tracking_uri(explicit: str | None = None) -> str:
     """The tracking URI to use: env MLFLOW_TRACKING_URI wins, else the config's value, else sqlite:///mlflow.db."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or explicit or DEFAULT_TRACKING_URI
+    return check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or explicit or DEFAULT_TRACKING_URI)
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -318,11 +319,23 @@ def register_model_dir(
             pip_requirements=pip_requirements or default_pip_requirements(),
             model_config=dict(model_config or {}),
         )
-    version = str(mlflow.register_model(info.model_uri, name).version)
-    for k, v in {**(tags or {}), LINEAGE_TAG: lineage}.items():
-        client.set_model_version_tag(name, version, k, str(v))
+    # The lineage tag is written with the version itself, so a rerun always finds the version it made.
+    all_tags = {k: str(v) for k, v in {**(tags or {}), LINEAGE_TAG: lineage}.items()}
+    version = str(mlflow.register_model(info.model_uri, name, tags=all_tags).version)
     client.set_registered_model_alias(name, CHALLENGER, version)
     return version, True
+
+
+def is_decided(name: str, version: str | int) -> bool:
+    """The version's promotion decision was recorded (the last step of its registration)."""
+    return DECISION_TAG in _version(name, version).tags
+
+
+def resume_registration(name: str, version: str | int) -> None:
+    """Finish a registration a killed run left undecided: the newest version gets `challenger` again."""
+    versions = MlflowClient().search_model_versions(f"name = '{_quote(name, 'model name')}'")
+    if str(version) == str(max(int(v.version) for v in versions)):
+        MlflowClient().set_registered_model_alias(name, CHALLENGER, str(version))
 
 
 def _model_uri(name: str, alias_or_version: str | int) -> str:
@@ -430,7 +443,14 @@ def apply_promotion(name: str, version: str | int, metrics: Mapping[str, float],
     guard = dict(_policy(policy, "guard", None) or {})
     for k, v in metrics.items():
         client.set_model_version_tag(name, version, METRIC_TAG + k, repr(float(v)))
-    before = _aliases(name).get(CHAMPION)
+    # The champion this decision is judged against is recorded first, so a decision interrupted by a
+    # kill is made again against the same champion on rerun (idempotent), even after the alias moved.
+    tags_now = _version(name, version).tags
+    if BEFORE_TAG in tags_now and DECISION_TAG not in tags_now:
+        before = None if tags_now[BEFORE_TAG] == "none" else tags_now[BEFORE_TAG]
+    else:
+        before = _aliases(name).get(CHAMPION)
+        client.set_model_version_tag(name, version, BEFORE_TAG, before or "none")
     if before == version:
         promote_it, decision, reason = False, "already_champion", f"version {version} is already the champion"
     else:
@@ -439,9 +459,8 @@ def apply_promotion(name: str, version: str | int, metrics: Mapping[str, float],
         decision = "promoted" if promote_it else "rejected"
         if promote_it:
             client.set_registered_model_alias(name, CHAMPION, version)
-    tags = {DECISION_TAG: decision, REASON_TAG: reason, BEFORE_TAG: before or "none"}
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, v)
+    client.set_model_version_tag(name, version, REASON_TAG, reason)
+    client.set_model_version_tag(name, version, DECISION_TAG, decision)  # last: the registration is complete
     return {
         "version": version,
         "decision": decision,

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.checkpoint import read_header, safetensors_files
+from lib.checkpoint import ITEMSIZE, read_header_and_size, safetensors_files
 from lib.errors import FishmergeError
 
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+READABLE = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
 FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # config `dtype` -> safetensors
 _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
@@ -54,10 +54,9 @@ def tensor_index(model_dir: str | Path) -> dict[str, TensorRef]:
     """Every tensor of a checkpoint (all shards) by key, without reading tensor data."""
     out: dict[str, TensorRef] = {}
     for f in safetensors_files(model_dir):
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-        for key, v in read_header(f).items():
-            if v["dtype"] not in ITEMSIZE:
+        header, size = read_header_and_size(f)
+        for key, v in header.items():
+            if v["dtype"] not in READABLE:
                 raise FishmergeError(f"tensor '{key}' in '{f}' has dtype {v['dtype']}, which fishmerge cannot read")
             out[key] = TensorRef(str(f), 8 + size + v["data_offsets"][0], v["dtype"], tuple(v["shape"]))
     return out

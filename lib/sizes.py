@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
@@ -19,4 +21,6 @@ def parse_size(text: str | int) -> int:
     except ValueError as exc:
         raise ValueError(f"not a size: '{text}' (try 2GB or 512MiB)") from exc
     factor = 1024 ** ("KMGT".index(unit) + 1) if binary and unit else _UNITS[unit]
+    if not math.isfinite(value * factor) or value * factor > 2**62:
+        raise ValueError(f"not a size: '{text}' (try 2GB or 512MiB)")
     return int(value * factor)

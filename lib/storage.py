@@ -58,10 +58,24 @@ def zarr_store(uri: str, read_only: bool = False):
     return zarr.storage.LocalStore(uri, read_only=read_only)
 
 
+def _unreachable(uri: str, exc: Exception) -> FishmergeError:
+    return FishmergeError(
+        f"cannot reach '{uri}' ({type(exc).__name__}: {exc}): check the path, or for s3:// the bucket, "
+        "AWS credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and endpoint in the environment"
+    )
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    fs.invalidate_cache(path)  # object-store listings are cached; another process may have written
-    return fs.exists(path)
+    try:
+        fs.invalidate_cache(path)  # object-store listings are cached; another process may have written
+        return fs.exists(path)
+    except FishmergeError:
+        raise
+    except Exception as exc:  # botocore's credential/endpoint errors, OSError…: one readable message
+        if not is_remote(uri):
+            raise
+        raise _unreachable(uri, exc) from exc
 
 
 def read_json(uri: str) -> dict | None:
@@ -70,8 +84,12 @@ def read_json(uri: str) -> dict | None:
     try:
         with fs.open(path, "r") as f:
             return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+    except (FileNotFoundError, IsADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    except Exception as exc:
+        if not is_remote(uri):
+            raise
+        raise _unreachable(uri, exc) from exc
 
 
 def write_json(uri: str, obj: Any) -> None:
@@ -80,7 +98,7 @@ def write_json(uri: str, obj: Any) -> None:
     Local: write a sibling and rename. S3: a PUT is atomic.
     """
     fs, path = filesystem(uri)
-    data = json.dumps(obj, indent=1, sort_keys=True)
+    data = json.dumps(obj, indent=1, sort_keys=True, allow_nan=False)  # NaN is not JSON: never written
     if is_remote(uri):
         fs.pipe_file(path, data.encode())
         return
@@ -106,20 +124,31 @@ def remove(uri: str) -> None:
 def listdir(uri: str) -> list[str]:
     """Names directly below a folder URI (empty when it does not exist)."""
     fs, path = filesystem(uri)
-    fs.invalidate_cache(path)
     try:
+        fs.invalidate_cache(path)
         return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
+    except Exception as exc:
+        if not is_remote(uri):
+            raise
+        raise _unreachable(uri, exc) from exc
 
 
 def check_writable_root(uri: str) -> None:
     """Fail early, with the reason, when a store root cannot be created or written."""
+    if not is_remote(uri):  # the nearest folder that exists must be writable; nothing is created here
+        folder = normalize(uri)
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise FishmergeError(
+                f"the store root '{uri}' is unreachable or not writable: '{folder}' is a file; choose another root"
+            )
+        uri = folder
     fs, path = filesystem(uri)
     probe = join(uri, f".fishmerge-probe-{uuid.uuid4().hex[:8]}")
     try:
-        if not is_remote(uri):
-            fs.makedirs(path, exist_ok=True)
         fs.pipe_file(filesystem(probe)[1], b"ok")
         fs.rm(filesystem(probe)[1])
     except Exception as exc:  # botocore, OSError, PermissionError…: all mean the same to the user

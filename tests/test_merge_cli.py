@@ -213,11 +213,20 @@ def test_bad_input_errors(inputs, tmp_path, capsys) -> None:
     expect_error(["plan", str(cfg)], capsys, "did you mean 'method'")
 
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("the user's own file")
     cfg = write_config(tmp_path / "c10.yaml", two_models(inputs))
-    expect_error(["merge", str(cfg), "--no-progress"], capsys, "already exists", "--overwrite")
-    code, out, err = run(["merge", str(cfg), "--no-progress", "--overwrite"], capsys)
+    for extra in ([], ["--overwrite"]):  # not fishmerge's: never replaced, and --overwrite is not suggested
+        err = expect_error(["merge", str(cfg), "--no-progress", *extra], capsys, "not a fishmerge output")
+        assert "--overwrite" not in err
+    assert (tmp_path / "out" / "notes.txt").read_text() == "the user's own file"
+    (tmp_path / "out" / "notes.txt").unlink()  # an empty folder holds nothing to lose: it is used
+    code, out, err = run(["merge", str(cfg), "--no-progress"], capsys)
     assert code == 0, err
-    assert (tmp_path / "out" / "a" / "model.safetensors").exists()
+    other = write_config(tmp_path / "c11.yaml", [{**m, "weight": 0.5} for m in two_models(inputs)])
+    expect_error(["merge", str(other), "--no-progress"], capsys, "another fishmerge merge", "--overwrite")
+    code, out, err = run(["merge", str(other), "--no-progress", "--overwrite"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "a" / "fishmerge.json").read_text())["inputs"][0]["weight"] == 0.5
 
 
 def test_nan_fisher_values_fail_the_merge_and_leave_nothing(inputs, tmp_path, capsys) -> None:

@@ -54,7 +54,7 @@ def test_unknown_keys_name_the_closest_valid_key_and_all_problems_are_listed(tmp
     with pytest.raises(FishmergeError) as err:
         load_merge_config(write(tmp_path, bad))
     msg = str(err.value)
-    assert "3 problem(s)" in msg
+    assert "3 problems" in msg
     assert "models[0].wieght: unknown key; did you mean 'weight'?" in msg
     assert "memory_limt: unknown key; did you mean 'memory_limit'?" in msg
     assert "fisher.favour_target: unknown key; did you mean 'favor_target'?" in msg
