@@ -303,6 +303,8 @@ def _drop_partials(r: Resolved, keep: bool) -> None:
         storage.write_json(storage.join(r.partials, KEEP_MARKER), {"fisher_id": r.fisher_id})
         return
     try:
-        storage.remove(r.partials)
-    except OSError:
+        names = storage.listdir(r.partials)
+        if all(n.startswith("shard-") or n == KEEP_MARKER for n in names):  # only what fishmerge writes there
+            storage.remove(r.partials)
+    except (OSError, FishmergeError):
         pass

@@ -117,7 +117,9 @@ def begin_store(uri: str) -> tuple[str, zarr.Group]:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FishmergeError(f"cannot create the store's folder '{dest.parent}': {exc}") from exc
-    safety.remove_stale(dest.parent, f".{dest.name}.tmp-*")  # left by killed runs (no live holder)
+    safety.remove_stale(
+        dest.parent, f".{dest.name}.tmp-*", markers=("zarr.json",)
+    )  # left by killed runs (no live holder)
     staging = str(dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     _held[staging] = safety.Lock(staging)
     return staging, zarr.open_group(store=storage.zarr_store(staging), mode="a", zarr_format=3)

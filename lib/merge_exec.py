@@ -66,7 +66,7 @@ def prepare_staging(plan: MergePlan) -> Path:
     staging = Path(plan.staging)
     out = Path(plan.output)
     # interrupted runs of other plans to this output; a live concurrent run holds its lock and is left alone
-    safety.remove_stale(out.parent, f".{out.name}.staging-*", keep=[staging])
+    safety.remove_stale(out.parent, f".{out.name}.staging-*", keep=[staging], markers=("plan.json",))
     marker = staging / "plan.json"
     if marker.exists() and (staging / "out").is_dir():
         return staging

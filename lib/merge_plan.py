@@ -539,9 +539,10 @@ def _vocab_sizes(cfg: MergeConfig) -> dict[str, object]:
     out = {}
     for m in cfg.models:
         try:
-            c = json.loads((Path(m.path) / "config.json").read_text())
-            out[m.name] = c.get("vocab_size") or c.get("text_config", {}).get("vocab_size")
-        except (OSError, json.JSONDecodeError):
+            c = read_model_config(m.path)
+            text = c.get("text_config")
+            out[m.name] = c.get("vocab_size") or (text.get("vocab_size") if isinstance(text, dict) else None)
+        except FishmergeError:
             out[m.name] = None
     return out
 

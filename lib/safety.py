@@ -124,8 +124,11 @@ def is_stale(staging: str | Path) -> bool:
     return True
 
 
-def remove_stale(parent: str | Path, pattern: str, keep: Iterable[str | Path] = ()) -> list[Path]:
-    """Remove folders matching `pattern` (fishmerge's own staging names) that no live process holds."""
+def remove_stale(
+    parent: str | Path, pattern: str, keep: Iterable[str | Path] = (), markers: tuple[str, ...] = ()
+) -> list[Path]:
+    """Remove folders matching `pattern` (fishmerge's own staging names) that hold fishmerge's lock
+    file or one of `markers` (files fishmerge writes there) and that no live process holds."""
     keep_set = {_real(k) for k in keep}
     if not Path(parent).is_dir():
         return []
@@ -133,6 +136,8 @@ def remove_stale(parent: str | Path, pattern: str, keep: Iterable[str | Path] = 
     for p in Path(parent).glob(pattern):
         if _real(p) in keep_set or not p.is_dir() or p.is_symlink():
             continue
+        if not any((p / m).exists() for m in (LOCK_NAME, *markers)):
+            continue  # not provably fishmerge's: left alone
         if is_stale(p):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
