@@ -676,16 +676,27 @@ def test_nan_in_fisher_tensor_stats_fails_at_plan(zoo: Zoo, tmp_path: Path) -> N
 
 
 def test_existing_output_needs_overwrite(zoo: Zoo, tmp_path: Path) -> None:
+    earlier = write_config(tmp_path / "e.yaml", zoo, "fp32", "isotropic", (1.0, 2.0, 1.0), targets=["a"])
+    run(earlier)  # an earlier fishmerge merge sits at the output
+    cfg = write_config(tmp_path / "m.yaml", zoo, "fp32", "isotropic", (1.0, 1.0, 1.0), targets=["a"])
+    out = tmp_path / "out"
+    msg = _plan_error(cfg)
+    assert "another fishmerge merge" in msg and "--overwrite" in msg
+    plan, summary = run(cfg, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["a", "fishmerge-output.json"]
+    assert json.loads((out / "a" / "fishmerge.json").read_text())["plan_id"] == plan.plan_id
+    assert set(load_torch(out / "a")) == set(load_torch(zoo.dirs["fp32"]["a"]))
+
+
+def test_overwrite_never_replaces_a_folder_fishmerge_did_not_write(zoo: Zoo, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "m.yaml", zoo, "fp32", "isotropic", (1.0, 1.0, 1.0), targets=["a"])
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("previous merge")
-    msg = _plan_error(cfg)
-    assert "already exists" in msg and "overwrite" in msg
-    _, summary = run(cfg, overwrite=True)
-    assert not (out / "old.txt").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["a"]
-    assert set(load_torch(out / "a")) == set(load_torch(zoo.dirs["fp32"]["a"]))
+    (out / "old.txt").write_text("the user's file")
+    for overwrite in (False, True):
+        msg = _plan_error(cfg, overwrite=overwrite)
+        assert "not a fishmerge output" in msg and "--overwrite" not in msg
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
 
 
 def test_memory_limit_too_small(zoo: Zoo, tmp_path: Path) -> None:
