@@ -550,3 +550,32 @@ def test_cli_promote_and_history(first, rejected, capsys) -> None:
 
     assert main(["promote", "fm-pipe-a", "--tracking-uri", uri]) == 0  # default: the challenger
     assert aliases(uri, "fm-pipe-a") == {"champion": "3", "challenger": "3"}
+
+
+def test_lengths_beyond_the_position_table_are_clamped_with_a_notice(ws, capsys) -> None:
+    """Issue 11 item 13: texts longer than the model's 40 positions and the default max_length (128)
+    ran into 'The size of tensor a (128) must match … (40)'; now every step clamps, with one notice each."""
+    import datasets
+
+    for name, keyword in KEYWORDS.items():
+        rows = [{**r, "text": " ".join([r["text"]] * 15)} for r in keyword_rows(48, keyword, seed=30)]
+        assert min(len(r["text"].split()) for r in rows) > 40
+        ds = datasets.Dataset.from_list
+        datasets.DatasetDict(
+            {"train": ds(rows[:24]), "validation": ds(rows[24:36]), "test": ds(rows[36:])}
+        ).save_to_disk(str(ws / f"long-{name}"))
+    cfg = json.loads(write_config(ws, "long.yaml", f"sqlite:///{ws / 'mlflow-long.db'}", output="out-long").read_text())
+    cfg["fisher"].pop("max_length")
+    cfg["evaluate"].pop("max_length")
+    cfg["evaluate"]["baselines"] = ["originals"]
+    cfg["register"]["name"] = "fm-long"
+    for m in cfg["models"]:
+        m["data"]["path"] = f"long-{m['name']}"
+    (ws / "long.yaml").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    code = main(["run", str(ws / "long.yaml"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    notes = [ln for ln in err.splitlines() if ln.startswith("fishmerge: note: max_length 128")]
+    assert any("Fisher" in ln for ln in notes) and any("λ search" in ln for ln in notes), err
+    assert all("40 positions" in ln for ln in notes)
