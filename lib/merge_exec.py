@@ -202,26 +202,7 @@ def merge_block(plan: MergePlan, context: dict, staging: str, key: str, r0: int,
         write_rows(os.path.join(staging, "out", rel), ot, r0, data)
         written += len(data)
     context["journal"].add(key, r0, r1)
-    _maybe_crash()
     return written
-
-
-_blocks_done = 0
-
-
-def _maybe_crash() -> None:
-    """Fault injection for the resume tests: FISHMERGE_CRASH_AFTER_BLOCKS=N SIGKILLs this process
-    after N merged blocks, exactly like an OOM kill or a lost node."""
-    global _blocks_done
-    limit = os.environ.get("FISHMERGE_CRASH_AFTER_BLOCKS")
-    if limit is None:
-        return
-    with _journal_lock:
-        _blocks_done += 1
-        if _blocks_done >= int(limit):
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def copy_block(plan: MergePlan, context: dict, staging: str, target: str, key: str, r0: int, r1: int) -> int:
