@@ -181,6 +181,10 @@ def open_fisher_store(uri: str) -> zarr.Group:
     uri = storage.normalize(uri)
     if not storage.exists(uri):
         raise FishmergeError(f"no Fisher store at '{uri}'")
+    if not storage.exists(storage.join(uri, "zarr.json")):
+        raise FishmergeError(
+            f"'{uri}' is not a fishmerge Fisher store (no zarr.json): point at a store `fishmerge fisher` wrote"
+        )
     try:
         group = zarr.open_group(store=storage.zarr_store(uri, read_only=True), mode="r")
     except Exception as exc:  # zarr raises several types for a non-store folder

@@ -50,7 +50,7 @@ def check_not_input(path: str | Path, inputs: Iterable[tuple[str, str | None]], 
         rel = relation(path, p)
         if rel:
             raise FishmergeError(
-                f"{what} '{path}' {words[rel]} the {name} '{p}': fishmerge never writes over its inputs; {fix}"
+                f"{what} '{path}' {words[rel]} the {name} at '{p}': fishmerge never writes over its inputs; {fix}"
             )
 
 
