@@ -39,10 +39,11 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
         weight_map = (read_json_file(index, "checkpoint index") or {}).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise FishmergeError(f"'{index}' has no valid weight_map: re-save the checkpoint with save_pretrained")
-        files = sorted({d / f for f in weight_map.values()})
-        outside = [f.name for f in files if f.resolve().parent != d.resolve()]
+        # shard names as written must be plain file names (links into a cache's blobs are fine)
+        outside = sorted({f for f in weight_map.values() if not f or "/" in f or "\\" in f or f in (".", "..")})
         if outside:
             raise FishmergeError(f"'{index}' names shard(s) outside the model folder: {outside[:3]}")
+        files = sorted({d / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise FishmergeError(f"'{index}' names missing shard(s) {missing}: copy the whole checkpoint")
@@ -253,14 +254,15 @@ def position_limit(config) -> int | None:
 _noticed: set[tuple] = set()
 
 
-def clamp_length(max_length: int, config, where: str) -> int:
-    """max_length, clamped to the model's position limit with a one-line notice (once per case)."""
+def clamp_length(max_length: int, config, where: str, model: str | Path = "") -> int:
+    """max_length, clamped to the model's position limit with a one-line notice (once per model and
+    step in a process: the Fisher's steps resolve the spec more than once)."""
     import sys
 
     limit = position_limit(config)
     if limit is None or max_length <= limit:
         return max_length
-    key = (max_length, limit, where)
+    key = (max_length, limit, where, str(model))
     if key not in _noticed:
         _noticed.add(key)
         print(

@@ -33,7 +33,7 @@ from lib.fisher_engine import DEFAULT_MAX_MEMORY, FisherAccumulator
 from lib.fisher_likelihood import detect_head
 from lib.fisher_reduce import CorruptPartials, reduce_partials
 from lib.fisher_shards import Shard, complete_shards, discard_shard, partials_uri, write_partial
-from lib.fisher_store import FORMAT_VERSION, check_store_path, open_fisher_store
+from lib.fisher_store import FORMAT_VERSION, WRITING, check_store_path, is_fisher_store, open_fisher_store
 
 DEFAULT_STORE_ROOT = "./.fishmerge/fishers"
 
@@ -118,7 +118,7 @@ def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAUL
     indices = select_indices(len(dataset), spec.examples, spec.seed)
     arch = model_architecture(spec.model)
     head = detect_head(arch)
-    length = clamp_length(spec.max_length, read_model_config(spec.model), "Fisher")
+    length = clamp_length(spec.max_length, read_model_config(spec.model), "Fisher", spec.model)
     if length != spec.max_length:
         spec = replace(spec, max_length=length)  # the length actually used names the Fisher
     label_field = spec.label_field
@@ -146,9 +146,18 @@ def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAUL
     return Resolved(spec, fid, model_fp, data_fp, head, label_field, indices, uri)
 
 
-def existing_store(r: Resolved) -> str | None:
-    """The finished store for this Fisher id, or None. A store of another Fisher is an error."""
+def existing_store(r: Resolved, keep_partials: bool = False) -> str | None:
+    """The finished store for this Fisher id, or None. A store of another Fisher is an error.
+
+    A store fishmerge was writing when it was killed (remote stores are written in place) is not
+    finished: None, and the next write replaces it."""
     if not storage.exists(storage.join(r.store, "zarr.json")):
+        return None
+    if (
+        is_fisher_store(r.store)
+        and (storage.read_json(storage.join(r.store, "zarr.json")) or {}).get("attributes", {}).get("format_state")
+        == WRITING
+    ):
         return None
     try:
         attrs = dict(open_fisher_store(r.store).attrs)
@@ -158,7 +167,8 @@ def existing_store(r: Resolved) -> str | None:
         raise
     if attrs.get("fisher_id") == r.fisher_id:
         # partials left when a run was killed between the commit and their removal (unless kept on purpose)
-        if storage.exists(r.partials) and not storage.exists(storage.join(r.partials, KEEP_MARKER)):
+        kept = keep_partials or storage.exists(storage.join(r.partials, KEEP_MARKER))
+        if storage.exists(r.partials) and not kept:
             _drop_partials(r, keep=False)
         return r.store
     if attrs.get("model_fingerprint") != r.model_fingerprint:
@@ -252,7 +262,7 @@ def missing_shards(r: Resolved, plan: list[Shard]) -> list[Shard]:
 
 def finish(r: Resolved, plan: list[Shard], summaries: list[dict], wall_s: float, keep_partials: bool = False) -> str:
     """Reduce complete partials into the store; corrupt partials are discarded and reported."""
-    done = existing_store(r)  # a concurrent run of the same spec may have finished first
+    done = existing_store(r, keep_partials)  # a concurrent run of the same spec may have finished first
     if done:
         _drop_partials(r, keep_partials)
         return done
@@ -279,14 +289,16 @@ def finish(r: Resolved, plan: list[Shard], summaries: list[dict], wall_s: float,
     try:
         uri = reduce_partials(r.partials, plan, markers, r.store, attrs)
     except CorruptPartials as exc:
-        done = existing_store(r)  # not corrupt: a concurrent run finished first and removed the partials
+        done = existing_store(r, keep_partials)  # not corrupt: a concurrent run finished first and removed the partials
         if done:
             return done
         for i in exc.shards:
             discard_shard(r.partials, plan[i])
         raise
     except Exception:
-        done = existing_store(r)  # a concurrent run of the same spec finished first and took the partials
+        done = existing_store(
+            r, keep_partials
+        )  # a concurrent run of the same spec finished first and took the partials
         if done:
             return done
         raise

@@ -109,8 +109,8 @@ def begin_store(uri: str) -> tuple[str, zarr.Group]:
     if storage.is_remote(uri):
         storage.remove(uri)  # proven a fishmerge store (or absent): object stores have no rename
         staging = uri
-        group = zarr.open_group(store=storage.zarr_store(staging), mode="w", zarr_format=3)
-        group.attrs.update({"format": FORMAT, "format_state": WRITING})  # ours from the first byte
+        attributes = {"format": FORMAT, "format_state": WRITING}  # ours from its first object on
+        group = zarr.open_group(store=storage.zarr_store(staging), mode="w", zarr_format=3, attributes=attributes)
         return staging, group
     dest = Path(uri)
     try:
@@ -122,7 +122,11 @@ def begin_store(uri: str) -> tuple[str, zarr.Group]:
     )  # left by killed runs (no live holder)
     staging = str(dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     _held[staging] = safety.Lock(staging)
-    return staging, zarr.open_group(store=storage.zarr_store(staging), mode="a", zarr_format=3)
+    try:
+        return staging, zarr.open_group(store=storage.zarr_store(staging), mode="a", zarr_format=3)
+    except BaseException:
+        abort_store(staging)
+        raise
 
 
 def commit_store(staging: str, uri: str, group: zarr.Group, attrs: Mapping[str, object]) -> str:

@@ -64,9 +64,7 @@ def prepare_staging(plan: MergePlan) -> Path:
     """The staging folder of this plan, held by this process's lock (the caller holds it): reused
     when a run of the same plan was interrupted, else laid out afresh."""
     staging = Path(plan.staging)
-    out = Path(plan.output)
-    # interrupted runs of other plans to this output; a live concurrent run holds its lock and is left alone
-    safety.remove_stale(out.parent, f".{out.name}.staging-*", keep=[staging], markers=("plan.json",))
+    _remove_stale_stagings(plan, keep=[staging])  # other plans' interrupted runs; live ones hold their lock
     marker = staging / "plan.json"
     if marker.exists() and (staging / "out").is_dir():
         return staging
@@ -386,6 +384,7 @@ def execute(
     """
     started = time.perf_counter()
     if identical_output_exists(plan):  # computed once, reused by every later run of the same merge
+        _remove_stale_stagings(plan)  # e.g. left by a kill between the commit and the cleanup
         return _reused(plan, started)
     staging = Path(plan.staging)
     try:
@@ -398,6 +397,12 @@ def execute(
             remove_staging(staging)
             return _reused(plan, started)
         return _execute_held(plan, staging, address, progress, overwrite, started)
+
+
+def _remove_stale_stagings(plan: MergePlan, keep: list[Path] | None = None) -> None:
+    """Staging folders of this output that no live run holds (interrupted runs of any plan)."""
+    out = Path(plan.output)
+    safety.remove_stale(out.parent, f".{out.name}.staging-*", keep=keep or [], markers=("plan.json",))
 
 
 def _reused(plan: MergePlan, started: float) -> dict:

@@ -159,8 +159,9 @@ class Scorer:
             self.models[t.name], self.tokenizers[t.name] = model, tok
             self.tasks[t.name] = task_data(cfg, t.name, split, limit, getattr(model.config, "label2id", None))
         self.device = device
-        for model in self.models.values():  # the position table bounds the length for every target
-            max_length = clamp_length(max_length, model.config, "λ search and evaluation")
+        for t in plan.targets:  # the position table bounds the length for every target
+            where = "λ search and evaluation"
+            max_length = clamp_length(max_length, self.models[t.name].config, where, plan.models[t.index].path)
         self.batch_size, self.max_length = batch_size, max_length
 
     def probabilities(self, target: str, model: torch.nn.Module | None = None) -> np.ndarray:

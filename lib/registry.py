@@ -445,11 +445,16 @@ def apply_promotion(name: str, version: str | int, metrics: Mapping[str, float],
         client.set_model_version_tag(name, version, METRIC_TAG + k, repr(float(v)))
     # The champion this decision is judged against is recorded first, so a decision interrupted by a
     # kill is made again against the same champion on rerun (idempotent), even after the alias moved.
+    # (Only while the champion is still that one, or this version itself: a newer champion promoted
+    # meanwhile is judged against afresh, so `champion` never moves back past it.)
     tags_now = _version(name, version).tags
-    if BEFORE_TAG in tags_now and DECISION_TAG not in tags_now:
-        before = None if tags_now[BEFORE_TAG] == "none" else tags_now[BEFORE_TAG]
+    current = _aliases(name).get(CHAMPION)
+    recorded = tags_now.get(BEFORE_TAG)
+    recorded = None if recorded in (None, "none") else recorded
+    if BEFORE_TAG in tags_now and DECISION_TAG not in tags_now and current in (recorded, version):
+        before = recorded
     else:
-        before = _aliases(name).get(CHAMPION)
+        before = current
         client.set_model_version_tag(name, version, BEFORE_TAG, before or "none")
     if before == version:
         promote_it, decision, reason = False, "already_champion", f"version {version} is already the champion"

@@ -103,54 +103,103 @@ class Lock:
         self.release()
 
 
-def is_stale(staging: str | Path) -> bool:
-    """A staging folder no live process holds: its lock can be taken (or it never got one and is old)."""
-    lock = Path(staging) / LOCK_NAME
+DEAD_PREFIX = ".fishmerge-dead-"  # a stale folder renamed here (under its lock) before it is removed
+
+
+def _take_if_stale(staging: Path) -> int | None:
+    """Lock a staging folder no live process holds; the descriptor holding the lock, or None.
+
+    A folder without a lock file counts as stale once it is older than UNLOCKED_GRACE_S (its
+    creator died between mkdir and taking the lock, or it predates the locks); -1 is returned then.
+    """
+    lock = staging / LOCK_NAME
     try:
         fd = os.open(lock, os.O_RDWR)
     except FileNotFoundError:
         try:
-            return time.time() - os.stat(staging).st_mtime > UNLOCKED_GRACE_S
+            return -1 if time.time() - os.stat(staging).st_mtime > UNLOCKED_GRACE_S else None
         except FileNotFoundError:
-            return False
+            return None
     except OSError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
+        if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            return fd
+    except (BlockingIOError, FileNotFoundError):
+        pass
+    os.close(fd)
+    return None
+
+
+def is_stale(staging: str | Path) -> bool:
+    """A staging folder no live process holds: its lock can be taken (or it never got one and is old)."""
+    fd = _take_if_stale(Path(staging))
+    if fd is not None and fd >= 0:
         os.close(fd)
-    return True
+    return fd is not None
 
 
 def remove_stale(
     parent: str | Path, pattern: str, keep: Iterable[str | Path] = (), markers: tuple[str, ...] = ()
 ) -> list[Path]:
     """Remove folders matching `pattern` (fishmerge's own staging names) that hold fishmerge's lock
-    file or one of `markers` (files fishmerge writes there) and that no live process holds."""
+    file or one of `markers` (files fishmerge writes there) and that no live process holds.
+
+    Each is renamed to a unique `.fishmerge-dead-*` name while its lock is still held, then removed:
+    a process that takes the freed lock afterwards finds the folder gone and starts afresh, never
+    inside a folder being deleted.
+    """
+    import uuid
+
     keep_set = {_real(k) for k in keep}
-    if not Path(parent).is_dir():
+    root = Path(parent)
+    if not root.is_dir():
         return []
+    for dead in root.glob(DEAD_PREFIX + "*"):  # a removal killed half-way
+        if dead.is_dir() and not dead.is_symlink() and (dead / LOCK_NAME).exists():
+            shutil.rmtree(dead, ignore_errors=True)
     removed = []
-    for p in Path(parent).glob(pattern):
+    for p in root.glob(pattern):
         if _real(p) in keep_set or not p.is_dir() or p.is_symlink():
             continue
         if not any((p / m).exists() for m in (LOCK_NAME, *markers)):
             continue  # not provably fishmerge's: left alone
-        if is_stale(p):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+        fd = _take_if_stale(p)
+        if fd is None:
+            continue
+        dead = root / f"{DEAD_PREFIX}{uuid.uuid4().hex[:12]}"
+        try:
+            if not (p / LOCK_NAME).exists():
+                (p / LOCK_NAME).touch()  # so a half-done removal is recognised as fishmerge's
+            os.rename(p, dead)
+        except OSError:
+            continue
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        shutil.rmtree(dead, ignore_errors=True)
+        removed.append(p)
     return removed
 
 
 @contextlib.contextmanager
 def commit_lock(dest: str | Path) -> Iterator[None]:
-    """Serialise the final rename into `dest` among fishmerge processes (a flock on its parent folder)."""
-    parent = Path(dest).parent
-    fd = os.open(parent, os.O_RDONLY)
+    """Serialise the final rename into `dest` among fishmerge processes: a flock on its parent
+    folder, or where the filesystem refuses that (NFS), a lock folder beside `dest`."""
+    dest = Path(dest)
+    fd = os.open(dest.parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            beside = dest.parent / f".{dest.name}.commit"
+            with Lock(beside):
+                try:
+                    yield
+                finally:
+                    shutil.rmtree(beside, ignore_errors=True)
+            return
         yield
     finally:
         os.close(fd)
@@ -167,7 +216,8 @@ def replace_owned(src: Path, dest: Path, owned, what: str) -> None:
 
     with commit_lock(dest):
         for leftover in dest.parent.glob(f".{dest.name}.old-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+            if leftover.is_dir() and not leftover.is_symlink() and owned(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
         old = None
         if dest.exists() or dest.is_symlink():
             if dest.is_symlink() or not dest.is_dir() or not owned(dest):
