@@ -333,6 +333,25 @@ def test_rerun_of_the_same_config_registers_nothing(ws, first, capsys) -> None:
         assert aliases(first["uri"], name) == {"champion": "1", "challenger": "1"}
 
 
+def test_a_version_left_undecided_by_a_kill_gets_its_decision_on_rerun(ws, first, capsys) -> None:
+    """Issue 11 item 5: a kill right after registration (version created with its lineage and the
+    `challenger` alias, no decision, no `champion`) was never repaired: every rerun said "unchanged".
+    The state is made here as the kill leaves it (decision tags and champion removed, real MLflow)."""
+    client = MlflowClient(first["uri"])
+    for name in ("fm-pipe-a", "fm-pipe-b"):
+        for tag in (registry.DECISION_TAG, registry.REASON_TAG, registry.BEFORE_TAG):
+            client.delete_model_version_tag(name, "1", tag)
+        client.delete_registered_model_alias(name, "champion")
+    capsys.readouterr()
+    assert main(["run", str(first["cfg"]), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "fm-pipe-a: version 1 promoted" in err and "fm-pipe-b: version 1 promoted" in err, err
+    for name in ("fm-pipe-a", "fm-pipe-b"):
+        assert versions(first["uri"], name) == ["1"]
+        assert aliases(first["uri"], name) == {"champion": "1", "challenger": "1"}
+        assert client.get_model_version(name, "1").tags[registry.DECISION_TAG] == "promoted"
+
+
 def test_a_fisher_variant_reuses_the_isotropic_search_and_baselines(ws, first) -> None:
     """Another floor changes only the Fisher merge: the isotropic search and the baseline evaluation
     (no Fisher in them) come from the cache, the Fisher search and the merged evaluation do not."""
