@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -352,7 +354,10 @@ def cached_model_fingerprint(model_dir: str | Path) -> str:
     for p in cache_paths:  # beside the model if writable, else in the user cache
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(p.name + ".tmp")
+            for stale in p.parent.glob(p.name + ".tmp-*"):  # left by a process killed while writing
+                if time.time() - stale.stat().st_mtime > 600:
+                    stale.unlink(missing_ok=True)
+            tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
             tmp.write_text(json.dumps({"files": key, "fingerprint": fp}))
             tmp.replace(p)
             break
@@ -362,6 +367,4 @@ def cached_model_fingerprint(model_dir: str | Path) -> str:
 
 
 def _user_cache_dir() -> Path:
-    import os
-
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fishmerge" / "fingerprints"

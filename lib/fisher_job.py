@@ -166,6 +166,8 @@ def existing_store(r: Resolved, keep_partials: bool = False) -> str | None:
             return None  # a torn content-addressed store: recompute it
         raise
     if attrs.get("fisher_id") == r.fisher_id:
+        if not storage.is_remote(r.store):
+            safety.drop_lock_file(r.store)  # left inside the store by a kill right after its rename
         # partials left when a run was killed between the commit and their removal (unless kept on purpose)
         kept = keep_partials or storage.exists(storage.join(r.partials, KEEP_MARKER))
         if storage.exists(r.partials) and not kept:

@@ -148,9 +148,9 @@ def commit_store(staging: str, uri: str, group: zarr.Group, attrs: Mapping[str, 
     group.attrs.update(full)
     lock = _held.pop(staging, None)
     try:
-        if lock:
-            lock.unlink()  # still held through its descriptor until the rename is done
+        # held through the rename (a kill before it leaves a staging folder provably stale), then dropped
         safety.replace_owned(Path(staging), Path(uri), _replaceable, "a Fisher store")
+        (Path(uri) / safety.LOCK_NAME).unlink(missing_ok=True)
     finally:
         if lock:
             lock.release()

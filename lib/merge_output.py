@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from lib import __version__
+from lib.checkpoint import FINGERPRINT_CACHE
 from lib.merge_plan import OUTPUT_MARKER, MergePlan
 
 SKIP = {"model.safetensors.index.json", "README.md", "fishmerge.json", ".fishmerge-fingerprint.json"}
@@ -93,7 +94,8 @@ def write_metadata(plan: MergePlan, out_root: Path, context: dict) -> None:
         src = Path(plan.models[t.index].path)
         dst = out_root / t.name
         for f in src.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in SKIP and not f.name.endswith(".tmp"):
+            own = f.name.startswith(FINGERPRINT_CACHE) or f.name.endswith(".tmp")  # fishmerge's cache files
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in SKIP and not own:
                 shutil.copy2(f, dst / f.name)
         cfg_path = dst / "config.json"
         if cfg_path.exists():

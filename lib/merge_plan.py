@@ -497,7 +497,7 @@ def check_output_path(plan: MergePlan, overwrite: bool, inputs: list[tuple[str, 
     while not parent.exists():
         parent = parent.parent
     try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".fishmerge-probe-"):
+        with tempfile.TemporaryFile(dir=parent):  # unnamed: a kill here leaves nothing behind
             pass
     except OSError as exc:
         raise FishmergeError(

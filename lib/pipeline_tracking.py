@@ -53,7 +53,10 @@ def log_pipeline_run(
     exp_id = registry.use_experiment(experiment, tracking_uri)
     names = [m.name for m in plan.models]
     decisions: dict[str, dict] = {}
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.name}-{plan.plan_id}") as run:
+    registry.close_interrupted_runs(exp_id, plan.plan_id)  # left RUNNING by a killed earlier attempt
+    with mlflow.start_run(
+        experiment_id=exp_id, run_name=f"{cfg.name}-{plan.plan_id}", tags={"fishmerge.plan_id": plan.plan_id}
+    ) as run:
         o = plan.options
         mlflow.log_params(
             {

@@ -101,7 +101,7 @@ def check_reachable(uri: str, retries: int = 3, backoff_s: float = 1.0, timeout_
     folder = db.parent if str(db.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fishmerge-write-check-"):
+        with tempfile.TemporaryFile(dir=folder):  # unnamed: a kill here leaves nothing behind
             pass
     except OSError as exc:
         raise FishmergeError(
@@ -154,6 +154,25 @@ def use_experiment(name: str, uri: str) -> str:
             client.restore_experiment(exp_id)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def close_interrupted_runs(experiment_id: str, plan_id: str) -> list[str]:
+    """Mark runs of this plan that a killed pipeline left RUNNING (and their nested runs) as KILLED,
+    so a rerun leaves one live record of the merge, not a run that never ends."""
+    client = MlflowClient()
+    stale = client.search_runs(
+        [experiment_id], f"tags.`fishmerge.plan_id` = '{_quote(plan_id, 'plan id')}' and attributes.status = 'RUNNING'"
+    )
+    closed = []
+    for run in stale:
+        children = client.search_runs(
+            [experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and attributes.status = 'RUNNING'"
+        )
+        for r in [*children, run]:
+            client.set_tag(r.info.run_id, "fishmerge.interrupted", "true")
+            client.set_terminated(r.info.run_id, status="KILLED")
+            closed.append(r.info.run_id)
+    return closed
 
 
 class FishmergeHFModel(mlflow.pyfunc.PythonModel):

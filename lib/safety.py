@@ -86,11 +86,6 @@ class Lock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
 
-    def unlink(self) -> None:
-        """Remove the lock file but keep holding the lock (before the folder is renamed into place)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.folder / LOCK_NAME)
-
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -130,6 +125,15 @@ def _take_if_stale(staging: Path) -> int | None:
         pass
     os.close(fd)
     return None
+
+
+def drop_lock_file(folder: str | Path) -> None:
+    """Remove a lock file no live process holds (left inside a committed folder by a kill)."""
+    fd = _take_if_stale(Path(folder))
+    if fd is not None and fd >= 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(Path(folder) / LOCK_NAME)
+        os.close(fd)
 
 
 def is_stale(staging: str | Path) -> bool:

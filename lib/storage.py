@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
 from typing import Any
 
@@ -145,7 +146,14 @@ def check_writable_root(uri: str) -> None:
             raise FishmergeError(
                 f"the store root '{uri}' is unreachable or not writable: '{folder}' is a file; choose another root"
             )
-        uri = folder
+        try:
+            with tempfile.TemporaryFile(dir=folder):  # unnamed: a kill here leaves nothing behind
+                return
+        except OSError as exc:
+            raise FishmergeError(
+                f"the store root '{uri}' is unreachable or not writable ({type(exc).__name__}: {exc}). Check the "
+                "path, or for s3:// the bucket, AWS credentials and endpoint in the environment."
+            ) from exc
     fs, path = filesystem(uri)
     probe = join(uri, f".fishmerge-probe-{uuid.uuid4().hex[:8]}")
     try:
