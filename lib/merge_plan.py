@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -493,12 +492,9 @@ def check_output_path(plan: MergePlan, overwrite: bool, inputs: list[tuple[str, 
             f"the output '{out}' already holds another fishmerge merge: choose another `output:`, or pass "
             "--overwrite to replace it"
         )
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = safety.existing_ancestor(out.parent)
     try:
-        with tempfile.TemporaryFile(dir=parent):  # unnamed: a kill here leaves nothing behind
-            pass
+        safety.probe_writable(parent)
     except OSError as exc:
         raise FishmergeError(
             f"cannot write the output under '{parent}' ({exc.strerror or exc}): choose a writable `output:`"

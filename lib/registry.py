@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +32,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from lib import safety
 from lib.checkpoint import safetensors_files
 from lib.errors import FishmergeError
 from lib.merge_config import check_tracking_uri
@@ -101,8 +101,7 @@ def check_reachable(uri: str, retries: int = 3, backoff_s: float = 1.0, timeout_
     folder = db.parent if str(db.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):  # unnamed: a kill here leaves nothing behind
-            pass
+        safety.probe_writable(folder)
     except OSError as exc:
         raise FishmergeError(
             f"MLflow tracking database folder '{folder}' is not writable ({exc}): "

@@ -54,6 +54,23 @@ def check_not_input(path: str | Path, inputs: Iterable[tuple[str, str | None]], 
             )
 
 
+def existing_ancestor(path: str | Path) -> Path:
+    """The path itself or its nearest ancestor that exists (where a write would land first)."""
+    p = Path(os.path.abspath(os.path.expanduser(str(path))))
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def probe_writable(folder: str | Path) -> None:
+    """Raise OSError unless a file can be created in `folder`; the probe is an unnamed temporary
+    file, so a kill during the check leaves nothing behind."""
+    import tempfile
+
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
 class Lock:
     """An exclusive flock on `<folder>/.fishmerge-lock`, held until release() or process death.
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import uuid
 from typing import Any
 
 import fsspec
 import zarr
 
+from lib import safety
 from lib.errors import FishmergeError
 
 
@@ -139,16 +139,13 @@ def listdir(uri: str) -> list[str]:
 def check_writable_root(uri: str) -> None:
     """Fail early, with the reason, when a store root cannot be created or written."""
     if not is_remote(uri):  # the nearest folder that exists must be writable; nothing is created here
-        folder = normalize(uri)
-        while not os.path.exists(folder):
-            folder = os.path.dirname(folder)
-        if not os.path.isdir(folder):
+        folder = safety.existing_ancestor(normalize(uri))
+        if not folder.is_dir():
             raise FishmergeError(
                 f"the store root '{uri}' is unreachable or not writable: '{folder}' is a file; choose another root"
             )
         try:
-            with tempfile.TemporaryFile(dir=folder):  # unnamed: a kill here leaves nothing behind
-                return
+            return safety.probe_writable(folder)
         except OSError as exc:
             raise FishmergeError(
                 f"the store root '{uri}' is unreachable or not writable ({type(exc).__name__}: {exc}). Check the "
