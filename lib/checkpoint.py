@@ -7,6 +7,7 @@ import json
 import math
 import os
 import struct
+import sys
 import threading
 import time
 from pathlib import Path
@@ -259,8 +260,6 @@ _noticed: set[tuple] = set()
 def clamp_length(max_length: int, config, where: str, model: str | Path = "") -> int:
     """max_length, clamped to the model's position limit with a one-line notice (once per model and
     step in a process: the Fisher's steps resolve the spec more than once)."""
-    import sys
-
     limit = position_limit(config)
     if limit is None or max_length <= limit:
         return max_length

@@ -148,9 +148,10 @@ def check_unknown_rate(tokenizer, input_ids: torch.Tensor, attention_mask: torch
     special = torch.tensor(sorted(set(tokenizer.all_special_ids) - {unk}), dtype=input_ids.dtype)
     ids = input_ids[attention_mask.bool()]
     words = ids[~torch.isin(ids, special)]
-    if words.numel() >= 20 and float((words == unk).float().mean()) >= limit:
+    rate = float((words == unk).float().mean()) if words.numel() else 0.0
+    if words.numel() >= 20 and rate >= limit:
         raise FishmergeError(
-            f"the tokenizer maps {float((words == unk).float().mean()):.0%} of the data's tokens to "
+            f"the tokenizer maps {rate:.0%} of the data's tokens to "
             f"{tokenizer.unk_token!r}: it is not this model's tokenizer, or has no vocabulary; save the model's "
             "own tokenizer next to it"
         )

@@ -33,7 +33,7 @@ from lib.fisher_engine import DEFAULT_MAX_MEMORY, FisherAccumulator
 from lib.fisher_likelihood import detect_head
 from lib.fisher_reduce import CorruptPartials, reduce_partials
 from lib.fisher_shards import Shard, complete_shards, discard_shard, partials_uri, write_partial
-from lib.fisher_store import FORMAT_VERSION, WRITING, check_store_path, is_fisher_store, open_fisher_store
+from lib.fisher_store import FORMAT, FORMAT_VERSION, WRITING, check_store_path, open_fisher_store, stored_attributes
 
 DEFAULT_STORE_ROOT = "./.fishmerge/fishers"
 
@@ -153,11 +153,8 @@ def existing_store(r: Resolved, keep_partials: bool = False) -> str | None:
     finished: None, and the next write replaces it."""
     if not storage.exists(storage.join(r.store, "zarr.json")):
         return None
-    if (
-        is_fisher_store(r.store)
-        and (storage.read_json(storage.join(r.store, "zarr.json")) or {}).get("attributes", {}).get("format_state")
-        == WRITING
-    ):
+    stored = stored_attributes(r.store)
+    if stored.get("format") == FORMAT and stored.get("format_state") == WRITING:
         return None
     try:
         attrs = dict(open_fisher_store(r.store).attrs)
@@ -291,16 +288,16 @@ def finish(r: Resolved, plan: list[Shard], summaries: list[dict], wall_s: float,
     try:
         uri = reduce_partials(r.partials, plan, markers, r.store, attrs)
     except CorruptPartials as exc:
-        done = existing_store(r, keep_partials)  # not corrupt: a concurrent run finished first and removed the partials
+        # not corrupt: a concurrent run finished first and removed the partials
+        done = existing_store(r, keep_partials)
         if done:
             return done
         for i in exc.shards:
             discard_shard(r.partials, plan[i])
         raise
     except Exception:
-        done = existing_store(
-            r, keep_partials
-        )  # a concurrent run of the same spec finished first and took the partials
+        # a concurrent run of the same spec finished first and took the partials
+        done = existing_store(r, keep_partials)
         if done:
             return done
         raise

@@ -11,7 +11,6 @@ Written aside and renamed into place, so a reader never sees a half-written stor
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import os
 import uuid
@@ -59,21 +58,17 @@ WRITING = "writing"  # `format_state` of a remote store being written in place (
 _held: dict[str, safety.Lock] = {}  # staging folder -> this process's lock on it
 
 
+def stored_attributes(uri: str) -> dict:
+    """The group attributes in a store's `zarr.json` ({} when there is none or it is unreadable)."""
+    meta = storage.read_json(storage.join(storage.normalize(uri), "zarr.json"))
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    return attrs if isinstance(attrs, dict) else {}
+
+
 def is_fisher_store(uri: str) -> bool:
     """The path holds a group whose attributes say it is a fishmerge Fisher store (complete or being
     written by fishmerge): the only kind of store fishmerge ever replaces or removes."""
-    meta = storage.join(storage.normalize(uri), "zarr.json")
-    if not storage.is_remote(uri):
-        p = Path(meta)
-        if not p.is_file() or p.stat().st_size > 64 * 2**20:
-            return False
-        try:
-            attrs = json.loads(p.read_text()).get("attributes", {})
-        except (OSError, ValueError, AttributeError):
-            return False
-    else:
-        attrs = (storage.read_json(meta) or {}).get("attributes", {})
-    return isinstance(attrs, dict) and attrs.get("format") == FORMAT
+    return stored_attributes(uri).get("format") == FORMAT
 
 
 def _replaceable(p: Path) -> bool:
@@ -117,9 +112,7 @@ def begin_store(uri: str) -> tuple[str, zarr.Group]:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FishmergeError(f"cannot create the store's folder '{dest.parent}': {exc}") from exc
-    safety.remove_stale(
-        dest.parent, f".{dest.name}.tmp-*", markers=("zarr.json",)
-    )  # left by killed runs (no live holder)
+    safety.remove_stale(dest.parent, f".{dest.name}.tmp-*", markers=("zarr.json",))  # left by killed runs
     staging = str(dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     _held[staging] = safety.Lock(staging)
     try:

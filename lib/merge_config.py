@@ -8,7 +8,6 @@ memory_limit. Relative paths are resolved against the config file's folder.
 from __future__ import annotations
 
 import difflib
-import math
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -196,11 +195,7 @@ class MergeConfig(_Strict):
     def _size(cls, v):
         if isinstance(v, bool):
             raise ValueError(f"not a size: {v!r} (try 2GB or 512MiB)")
-        if isinstance(v, float):
-            if not math.isfinite(v):
-                raise ValueError(f"not a size: {v} (try 2GB or 512MiB)")
-            v = int(v)
-        size = parse_size(v)
+        size = parse_size(v)  # refuses NaN/Inf and absurd sizes
         if size <= 0:
             raise ValueError(f"must be a positive size (e.g. 2GB), got {v!r}")
         return size

@@ -64,7 +64,7 @@ def prepare_staging(plan: MergePlan) -> Path:
     """The staging folder of this plan, held by this process's lock (the caller holds it): reused
     when a run of the same plan was interrupted, else laid out afresh."""
     staging = Path(plan.staging)
-    _remove_stale_stagings(plan, keep=[staging])  # other plans' interrupted runs; live ones hold their lock
+    _remove_stale_stagings(plan)  # interrupted runs of other plans; live ones (and ours) hold their lock
     marker = staging / "plan.json"
     if marker.exists() and (staging / "out").is_dir():
         return staging
@@ -163,29 +163,34 @@ def _fisher_rows(plan: MergePlan, m_index: int, key: str, r0: int, r1: int) -> n
     return values.reshape((r1 - r0, *m.refs[key].shape[1:]) if m.refs[key].shape else ())
 
 
-def _rows(ref, r0: int, r1: int, who: str = "", key: str = "") -> np.ndarray:
-    values = read_rows(ref, r0, r1)
-    if who:
-        check_finite(values, f"{who} has NaN/Inf in '{key}'", "fix or re-save that checkpoint")
-    return values if ref.shape else values.reshape(())
-
-
 def check_finite(values: np.ndarray, problem: str, fix: str) -> None:
     """Every number that reaches an output tensor is finite: stop the merge (nothing at the output) otherwise."""
     if not np.isfinite(values).all():
         raise FishmergeError(f"{problem}: {fix}. Nothing was written at the output.")
 
 
+def check_input_finite(values: np.ndarray, who: str, key: str) -> np.ndarray:
+    """Input tensor values as read, refused (naming the model and tensor) when any is NaN/Inf."""
+    check_finite(values, f"{who} has NaN/Inf in '{key}'", "fix or re-save that checkpoint")
+    return values
+
+
+def read_input_rows(ref, r0: int, r1: int, who: str, key: str) -> np.ndarray:
+    """Rows [r0, r1) of an input tensor as float32 (0-d tensors as a scalar array), checked finite."""
+    values = check_input_finite(read_rows(ref, r0, r1), who, key)
+    return values if ref.shape else values.reshape(())
+
+
 def merge_block(plan: MergePlan, context: dict, staging: str, key: str, r0: int, r1: int) -> int:
     """Merge rows [r0, r1) of `key` for every target and write them in place; returns bytes written."""
     layout = context["layout"]
-    thetas = [_rows(m.refs[key], r0, r1, f"input model '{m.name}'", key) for m in plan.models]
+    thetas = [read_input_rows(m.refs[key], r0, r1, f"input model '{m.name}'", key) for m in plan.models]
     method = plan.merge_method
     kwargs: dict = {"options": plan.options}
     if method.needs_fisher:
         kwargs["fishers"] = [_fisher_rows(plan, i, key, r0, r1) for i in range(len(plan.models))]
     if method.needs_base:
-        kwargs["base"] = _rows(plan.base.refs[plan.base_keys[key]], r0, r1, "the base model", key)
+        kwargs["base"] = read_input_rows(plan.base.refs[plan.base_keys[key]], r0, r1, "the base model", key)
     if plan.method == "ties":
         kwargs["context"] = {"ties_thresholds": context["ties_thresholds"][key]}
     written = 0
@@ -208,15 +213,13 @@ def copy_block(plan: MergePlan, context: dict, staging: str, target: str, key: s
     t = next(t for t in plan.targets if t.name == target)
     ref = plan.models[t.index].refs[key]
     rel, ot = context["layout"][target][key]
-    who = f"input model '{target}' has NaN/Inf in '{key}'"
+    who = f"input model '{target}'"
     if ot.dtype == ref.dtype:
         data = read_raw(ref, r0, r1)
         if ref.dtype in FLOAT_DTYPES:
-            check_finite(decode(data, ref.dtype, (-1,)), who, "fix or re-save that checkpoint")
+            check_input_finite(decode(data, ref.dtype, (-1,)), who, key)
     else:
-        values = read_rows(ref, r0, r1)
-        check_finite(values, who, "fix or re-save that checkpoint")
-        data = encode(values, ot.dtype)
+        data = encode(check_input_finite(read_rows(ref, r0, r1), who, key), ot.dtype)
     write_rows(os.path.join(staging, "out", rel), ot, r0, data)
     context["journal"].add(f"{target}::{key}", r0, r1)
     return len(data)
@@ -233,9 +236,8 @@ def _fisher_sq_sum(plan: MergePlan, m_index: int, key: str, r0: int, r1: int) ->
 def _ties_hist(plan: MergePlan, m_index: int, key: str, r0: int, r1: int, bucket: int | None) -> np.ndarray:
     """Histogram of |θᵢ − base| float32 bit patterns: high 16 bits, or low 16 bits within one high bucket."""
     m = plan.models[m_index]
-    tv = _rows(m.refs[key], r0, r1, f"input model '{m.name}'", key) - _rows(
-        plan.base.refs[plan.base_keys[key]], r0, r1, "the base model", key
-    )
+    theta = read_input_rows(m.refs[key], r0, r1, f"input model '{m.name}'", key)
+    tv = theta - read_input_rows(plan.base.refs[plan.base_keys[key]], r0, r1, "the base model", key)
     bits = np.abs(tv).ravel().view(np.uint32)
     if bucket is None:
         return np.bincount(bits >> 16, minlength=65536)
@@ -399,10 +401,10 @@ def execute(
         return _execute_held(plan, staging, address, progress, overwrite, started)
 
 
-def _remove_stale_stagings(plan: MergePlan, keep: list[Path] | None = None) -> None:
+def _remove_stale_stagings(plan: MergePlan) -> None:
     """Staging folders of this output that no live run holds (interrupted runs of any plan)."""
     out = Path(plan.output)
-    safety.remove_stale(out.parent, f".{out.name}.staging-*", keep=keep or [], markers=("plan.json",))
+    safety.remove_stale(out.parent, f".{out.name}.staging-*", markers=("plan.json",))
 
 
 def _reused(plan: MergePlan, started: float) -> dict:

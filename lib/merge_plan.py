@@ -379,14 +379,15 @@ def build_plan(
     return plan
 
 
-def input_paths(cfg: MergeConfig, plan: MergePlan | None = None) -> list[tuple[str, str | None]]:
-    """(what, path) of every input of a merge: models, base, Fisher stores, data (never written over)."""
+def input_paths(cfg: MergeConfig, plan: MergePlan) -> list[tuple[str, str | None]]:
+    """(what, path) of every input of a merge: models, base, Fisher stores (named in the config or
+    estimated for it), data — never written over."""
     out: list[tuple[str, str | None]] = [("base model", cfg.base)]
     for m in cfg.models:
         out += [(f"input model '{m.name}'", m.path), (f"Fisher store of '{m.name}'", m.fisher)]
         if m.data:
             out.append((f"data of '{m.name}'", m.data.path))
-    for m in plan.models if plan else []:
+    for m in plan.models:
         out.append((f"Fisher store of '{m.name}'", m.fisher))
     return out
 
@@ -482,12 +483,13 @@ def check_output_path(plan: MergePlan, overwrite: bool, inputs: list[tuple[str, 
         return
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise FishmergeError(f"the output '{out}' exists and is not a folder: choose another `output:`")
-    if out.exists() and any(out.iterdir()) and not is_fishmerge_output(out):
+    holds_files = out.is_dir() and any(out.iterdir())  # an empty folder holds nothing to lose: it is used
+    if holds_files and not is_fishmerge_output(out):
         raise FishmergeError(
             f"the output '{out}' exists and is not a fishmerge output (no {OUTPUT_MARKER}): fishmerge never "
             "replaces it; choose another `output:` (a new folder)"
         )
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if holds_files and not overwrite:
         raise FishmergeError(
             f"the output '{out}' already holds another fishmerge merge: choose another `output:`, or pass "
             "--overwrite to replace it"

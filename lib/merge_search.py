@@ -23,7 +23,6 @@ from lib.errors import FishmergeError
 from lib.evaluate import class_probabilities, classification_metrics, label_ids, load_eval_rows
 from lib.merge_config import MergeConfig
 from lib.merge_plan import MergePlan
-from lib.safetensors_io import read_rows
 
 
 def candidates(k: int, strategy: str | None, points: int, seed: int = 0) -> list[list[float]]:
@@ -57,12 +56,10 @@ class MergeInputs:
 def load_inputs(plan: MergePlan) -> MergeInputs:
     """Read the shared tensors of every model (and Fishers, base) once, for many candidate merges."""
     from lib.fisher_store import open_fisher_store
-    from lib.merge_exec import check_finite, ties_thresholds_streaming
+    from lib.merge_exec import read_input_rows, ties_thresholds_streaming
 
     def full(ref, who: str, key: str):
-        values = read_rows(ref, 0, ref.rows).reshape(ref.shape)
-        check_finite(values, f"{who} has NaN/Inf in '{key}'", "fix or re-save that checkpoint")
-        return values
+        return read_input_rows(ref, 0, ref.rows, who, key).reshape(ref.shape)
 
     thetas = [{k: full(m.refs[k], f"input model '{m.name}'", k) for k in plan.shared} for m in plan.models]
     fishers = None

@@ -15,7 +15,9 @@ import contextlib
 import fcntl
 import os
 import shutil
+import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -65,8 +67,6 @@ def existing_ancestor(path: str | Path) -> Path:
 def probe_writable(folder: str | Path) -> None:
     """Raise OSError unless a file can be created in `folder`; the probe is an unnamed temporary
     file, so a kill during the check leaves nothing behind."""
-    import tempfile
-
     with tempfile.TemporaryFile(dir=folder):
         pass
 
@@ -161,19 +161,15 @@ def is_stale(staging: str | Path) -> bool:
     return fd is not None
 
 
-def remove_stale(
-    parent: str | Path, pattern: str, keep: Iterable[str | Path] = (), markers: tuple[str, ...] = ()
-) -> list[Path]:
+def remove_stale(parent: str | Path, pattern: str, markers: tuple[str, ...] = ()) -> list[Path]:
     """Remove folders matching `pattern` (fishmerge's own staging names) that hold fishmerge's lock
-    file or one of `markers` (files fishmerge writes there) and that no live process holds.
+    file or one of `markers` (files fishmerge writes there) and that no live process holds (this
+    process included: its own lock, taken through another descriptor, counts as held).
 
     Each is renamed to a unique `.fishmerge-dead-*` name while its lock is still held, then removed:
     a process that takes the freed lock afterwards finds the folder gone and starts afresh, never
     inside a folder being deleted.
     """
-    import uuid
-
-    keep_set = {_real(k) for k in keep}
     root = Path(parent)
     if not root.is_dir():
         return []
@@ -182,7 +178,7 @@ def remove_stale(
             shutil.rmtree(dead, ignore_errors=True)
     removed = []
     for p in root.glob(pattern):
-        if _real(p) in keep_set or not p.is_dir() or p.is_symlink():
+        if not p.is_dir() or p.is_symlink():
             continue
         if not any((p / m).exists() for m in (LOCK_NAME, *markers)):
             continue  # not provably fishmerge's: left alone
@@ -233,8 +229,6 @@ def replace_owned(src: Path, dest: Path, owned, what: str) -> None:
     Runs under the commit lock, so a `.<dest>.old-*` found here is a leftover of a killed commit
     (it was proven owned before it was moved aside) and is removed too.
     """
-    import uuid
-
     with commit_lock(dest):
         for leftover in dest.parent.glob(f".{dest.name}.old-*"):
             if leftover.is_dir() and not leftover.is_symlink() and owned(leftover):

@@ -6,9 +6,11 @@ or FISHMERGE_S3_ENDPOINT_URL for S3-compatible servers), never from config files
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -59,38 +61,37 @@ def zarr_store(uri: str, read_only: bool = False):
     return zarr.storage.LocalStore(uri, read_only=read_only)
 
 
-def _unreachable(uri: str, exc: Exception) -> FishmergeError:
-    return FishmergeError(
-        f"cannot reach '{uri}' ({type(exc).__name__}: {exc}): check the path, or for s3:// the bucket, "
-        "AWS credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and endpoint in the environment"
-    )
+@contextlib.contextmanager
+def _remote_errors(uri: str) -> Iterator[None]:
+    """Object-store failures (botocore's credential/endpoint errors, OSError…) as one readable error;
+    local errors pass through unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_remote(uri):
+            raise
+        raise FishmergeError(
+            f"cannot reach '{uri}' ({type(exc).__name__}: {exc}): check the path, or for s3:// the bucket, "
+            "AWS credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and endpoint in the environment"
+        ) from exc
 
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    try:
+    with _remote_errors(uri):
         fs.invalidate_cache(path)  # object-store listings are cached; another process may have written
         return fs.exists(path)
-    except FishmergeError:
-        raise
-    except Exception as exc:  # botocore's credential/endpoint errors, OSError…: one readable message
-        if not is_remote(uri):
-            raise
-        raise _unreachable(uri, exc) from exc
 
 
 def read_json(uri: str) -> dict | None:
     """The JSON object at `uri`, or None when there is none (or it is unreadable: a torn write)."""
     fs, path = filesystem(uri)
-    try:
-        with fs.open(path, "r") as f:
-            return json.load(f)
-    except (FileNotFoundError, IsADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    except Exception as exc:
-        if not is_remote(uri):
-            raise
-        raise _unreachable(uri, exc) from exc
+    with _remote_errors(uri):
+        try:
+            with fs.open(path, "r") as f:
+                return json.load(f)
+        except (FileNotFoundError, IsADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
 
 
 def write_json(uri: str, obj: Any) -> None:
@@ -125,15 +126,12 @@ def remove(uri: str) -> None:
 def listdir(uri: str) -> list[str]:
     """Names directly below a folder URI (empty when it does not exist)."""
     fs, path = filesystem(uri)
-    try:
-        fs.invalidate_cache(path)
-        return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    except Exception as exc:
-        if not is_remote(uri):
-            raise
-        raise _unreachable(uri, exc) from exc
+    with _remote_errors(uri):
+        try:
+            fs.invalidate_cache(path)
+            return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
 
 def check_writable_root(uri: str) -> None:

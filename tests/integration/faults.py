@@ -62,6 +62,13 @@ def leftovers(root: Path, allowed: tuple[str, ...] = ALLOWED_DIRS) -> list[str]:
     return sorted(found)
 
 
+def assert_no_leftovers(ws: Path, after: str = "") -> None:
+    """Nothing named like a fishmerge leftover anywhere in the workspace."""
+    left = leftovers(ws)
+    where = f"after {after}, " if after else ""
+    assert not left, f"{where}left over in the workspace: {left}"
+
+
 # ---------------------------------------------------------------- running fishmerge in fresh processes
 
 

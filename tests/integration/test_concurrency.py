@@ -26,13 +26,13 @@ from pathlib import Path
 import pytest
 
 from tests.integration.faults import (
+    assert_no_leftovers,
     assert_store_equal,
     diff_keys,
     fisher_inputs,
     fishmerge,
     folder_bytes,
     fresh_dir,
-    leftovers,
     merge_config,
     merge_inputs,
     store_content,
@@ -57,11 +57,6 @@ def run_together(points: list[dict], *jobs: tuple[list, Path]):
     return together([{"args": args, "cwd": cwd} for args, cwd in jobs], points)
 
 
-def _assert_no_leftovers(ws: Path) -> None:
-    left = leftovers(ws)
-    assert not left, f"left over in the workspace: {left}"
-
-
 @pytest.fixture(scope="module")
 def fisher_clean(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("concurrent-fisher")
@@ -80,7 +75,7 @@ def test_two_fisher_runs_of_one_spec(fisher_clean, rep) -> None:
     uris = {r.last_line for r in results}
     assert uris == {str(ws / "fishers" / fisher_clean["name"])}, uris
     assert_store_equal(uris.pop(), fisher_clean["reference"], "two concurrent runs")
-    _assert_no_leftovers(ws)
+    assert_no_leftovers(ws)
     shutil.rmtree(ws)
 
 
@@ -116,7 +111,7 @@ def test_two_merges_of_one_config(merge_clean, rep) -> None:
     assert not diff_keys(folder_bytes(ws / "out"), merge_clean["outputs"]["cfg-a.yaml"]), (
         "files differ from a clean run"
     )
-    _assert_no_leftovers(ws)
+    assert_no_leftovers(ws)
     shutil.rmtree(ws)
 
 
@@ -138,7 +133,7 @@ def test_two_merges_of_different_configs_without_overwrite(merge_clean, rep) -> 
     line = errors[0]
     assert str(ws / "out") in line and any(w in line for w in ("exist", "being written", "--overwrite")), line
     assert not diff_keys(folder_bytes(ws / "out"), merge_clean["outputs"][winner]), f"not {winner}'s clean output"
-    _assert_no_leftovers(ws)
+    assert_no_leftovers(ws)
     shutil.rmtree(ws)
 
 
@@ -151,5 +146,5 @@ def test_two_merges_of_different_configs_with_overwrite(merge_clean, rep) -> Non
     matches = [f for f, out in merge_clean["outputs"].items() if not diff_keys(got, out)]
     differ = {f: diff_keys(got, out) for f, out in merge_clean["outputs"].items()}
     assert len(matches) == 1, f"the output is neither config's clean output; files that differ: {differ}"
-    _assert_no_leftovers(ws)
+    assert_no_leftovers(ws)
     shutil.rmtree(ws)

@@ -44,6 +44,7 @@ from tests.integration.faults import (
     KILLS,
     Result,
     Trace,
+    assert_no_leftovers,
     assert_store_equal,
     by_kind,
     diff_keys,
@@ -97,11 +98,6 @@ def _kill_then_rerun(case: dict, i: int) -> tuple[Path, str, Result]:
     return ws, what, again
 
 
-def _assert_no_leftovers(ws: Path, what: str) -> None:
-    left = leftovers(ws)
-    assert not left, f"after a kill at {what} and a rerun, left over in the workspace: {left}"
-
-
 # ---------------------------------------------------------------- fishmerge fisher --shards 3
 
 
@@ -133,7 +129,7 @@ def test_fisher_killed_then_rerun_equals_clean(fisher_case, i) -> None:
     uri = again.last_line
     assert uri == str(ws / "fishers" / fisher_case["store_name"]), f"after a kill at {what}: {uri}"
     assert_store_equal(uri, fisher_case["reference"], f"after a kill at {what}")
-    _assert_no_leftovers(ws, what)
+    assert_no_leftovers(ws, f"a kill at {what} and a rerun")
     shutil.rmtree(ws)
 
 
@@ -168,7 +164,7 @@ def test_merge_killed_then_rerun_equals_clean(merge_case, i) -> None:
     assert again.last_line == str(ws / "out"), f"after a kill at {what}: {again.tail()}"
     got = folder_bytes(ws / "out")
     assert not diff_keys(got, merge_case["reference"]), f"after a kill at {what}, these files differ from a clean run"
-    _assert_no_leftovers(ws, what)
+    assert_no_leftovers(ws, f"a kill at {what} and a rerun")
     shutil.rmtree(ws)
 
 
@@ -293,5 +289,5 @@ def test_run_killed_then_rerun_equals_clean(run_case, i) -> None:
     assert weights_bytes(ws / "out") == run_case["weights"], f"after a kill at {what}: merged weights differ"
     state = registry_state(ws)
     assert state == run_case["registry"], f"after a kill at {what}: registry {state} != clean {run_case['registry']}"
-    _assert_no_leftovers(ws, what)
+    assert_no_leftovers(ws, f"a kill at {what} and a rerun")
     shutil.rmtree(ws)
