@@ -169,6 +169,19 @@ def check_finite(values: np.ndarray, problem: str, fix: str) -> None:
         raise FishmergeError(f"{problem}: {fix}. Nothing was written at the output.")
 
 
+def encode_finite(values: np.ndarray, dtype: str, key: str) -> bytes:
+    """Encode finite float32 values as the output dtype; values that overflow it (float16 above
+    65504, bfloat16 near the float32 limit) would be written as Inf, so they stop the merge."""
+    data = encode(values, dtype)
+    if dtype in ("F16", "BF16"):
+        check_finite(
+            decode(data, dtype, (-1,)),
+            f"'{key}' holds values too large for {dtype} (they would be written as Inf)",
+            "write the output as float32 (`dtype: float32`)",
+        )
+    return data
+
+
 def check_input_finite(values: np.ndarray, who: str, key: str) -> np.ndarray:
     """Input tensor values as read, refused (naming the model and tensor) when any is NaN/Inf."""
     check_finite(values, f"{who} has NaN/Inf in '{key}'", "fix or re-save that checkpoint")
@@ -201,7 +214,7 @@ def merge_block(plan: MergePlan, context: dict, staging: str, key: str, r0: int,
             check_finite(merged, f"merging '{key}' gave NaN/Inf", "check the weights, `scale` and the inputs")
             shared_result = merged
         rel, ot = layout[t.name][key]
-        data = encode(shared_result, ot.dtype)
+        data = encode_finite(shared_result, ot.dtype, key)
         write_rows(os.path.join(staging, "out", rel), ot, r0, data)
         written += len(data)
     context["journal"].add(key, r0, r1)
@@ -219,7 +232,7 @@ def copy_block(plan: MergePlan, context: dict, staging: str, target: str, key: s
         if ref.dtype in FLOAT_DTYPES:
             check_input_finite(decode(data, ref.dtype, (-1,)), who, key)
     else:
-        data = encode(check_input_finite(read_rows(ref, r0, r1), who, key), ot.dtype)
+        data = encode_finite(check_input_finite(read_rows(ref, r0, r1), who, key), ot.dtype, key)
     write_rows(os.path.join(staging, "out", rel), ot, r0, data)
     context["journal"].add(f"{target}::{key}", r0, r1)
     return len(data)

@@ -105,7 +105,8 @@ def encode(values: np.ndarray, dtype: str) -> bytes:
             rounded[nan] = 0x7FC0
         return rounded.tobytes()
     if dtype in ("F16", "F64"):
-        return v.astype(_NUMPY[dtype]).tobytes()
+        with np.errstate(over="ignore"):  # overflow becomes Inf; the executor refuses it (encode_finite)
+            return v.astype(_NUMPY[dtype]).tobytes()
     raise FishmergeError(f"cannot write merged values as {dtype}")
 
 

@@ -14,9 +14,9 @@ corrupt input could make it hang) and checks THE CONTRACT:
   `.*.staging-*`, `*.partials`, `.fishmerge-probe-*`); a `.fishmerge/` cache folder is allowed;
 - it finishes in seconds.
 
-104 table cases over `fisher`, `plan`, `merge`, `run`, `inspect`, `promote` and `history`: 39 for
+105 table cases over `fisher`, `plan`, `merge`, `run`, `inspect`, `promote` and `history`: 39 for
 the defects users found (stores and outputs over user folders and inputs, corrupt checkpoints that
-hung, NaN numbers and tensors, missing tokenizers, tracebacks, lax validation) and 65 more mistakes
+hung, NaN numbers and tensors, missing tokenizers, tracebacks, lax validation) and 66 more mistakes
 a new user plausibly makes. Plus `test_max_length_above_the_model_limit_is_clamped_with_a_notice`:
 a `--max-length` above the model's position limit is clamped with a one-line notice, not fatal.
 """
@@ -713,6 +713,13 @@ def inf_in_the_base_model(c: Ctx):
     return ["merge", str(cfg), "--no-progress"], [QUERY], c.ws / "out"
 
 
+def values_overflow_float16(c: Ctx):
+    drop_fingerprint_cache(c.models / "b")
+    poke_value(c.models / "b", QUERY, 1.0e6)  # finite in float32, Inf as float16
+    cfg = config(c, models=two_models(c, fisher=False), method="isotropic", dtype="float16")
+    return ["merge", str(cfg), "--no-progress"], [QUERY, "float32"], c.ws / "out"
+
+
 def architectures_differ(c: Ctx):
     models = two_models(c, fisher=False, b={"path": str(c.models / "gpt2")})
     return ["plan", str(config(c, models, method="isotropic"))], ["architectures", "gpt2"], c.ws / "out"
@@ -1009,6 +1016,7 @@ CASES = [
     pytest.param(fisher_path_is_a_plain_folder, INP, id="fisher-path-is-a-plain-folder"),
     pytest.param(nan_in_fisher_values, INP, id="nan-in-fisher-values"),
     pytest.param(inf_in_the_base_model, INP, id="inf-in-the-base-model"),
+    pytest.param(values_overflow_float16, INP, id="values-overflow-float16"),
     pytest.param(architectures_differ, INP, id="architectures-differ"),
     pytest.param(vocabulary_sizes_differ, INP, id="vocabulary-sizes-differ"),
     pytest.param(one_model_only, INP, id="one-model-only"),
