@@ -214,8 +214,10 @@ def commit_lock(dest: str | Path) -> Iterator[None]:
             with Lock(beside):
                 try:
                     yield
-                finally:
-                    shutil.rmtree(beside, ignore_errors=True)
+                finally:  # only what Lock made: the lock file, then the folder if it is empty
+                    with contextlib.suppress(OSError):
+                        os.unlink(beside / LOCK_NAME)
+                        os.rmdir(beside)
             return
         yield
     finally:
