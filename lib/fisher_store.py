@@ -72,7 +72,7 @@ def is_fisher_store(uri: str) -> bool:
 
 
 def _replaceable(p: Path) -> bool:
-    return is_fisher_store(str(p)) or (p.is_dir() and not any(p.iterdir()))
+    return is_fisher_store(str(p)) or safety.is_empty_dir(p)
 
 
 def check_store_path(uri: str) -> None:

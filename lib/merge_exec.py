@@ -27,7 +27,7 @@ from lib import safety
 from lib.errors import FishmergeError
 from lib.fisher_store import FisherReader
 from lib.merge_output import write_metadata
-from lib.merge_plan import MergePlan, identical_output_exists, replaceable_output
+from lib.merge_plan import MergePlan, identical_output_exists, is_fishmerge_output, replaceable_output
 from lib.safetensors_io import (
     FLOAT_DTYPES,
     OutputTensor,
@@ -479,16 +479,18 @@ def _execute_held(plan: MergePlan, staging: Path, address: str | None, progress:
         finally:
             os.close(fd)
     out = Path(plan.output)
-    if out.exists() and any(out.iterdir()) and not overwrite and not identical_output_exists(plan):
-        remove_staging(staging)
-        raise FishmergeError(
-            f"the output '{out}' was written by another fishmerge run while this one merged: choose another "
-            "`output:`, or pass --overwrite to replace it"
-        )
+    # Decided under the commit lock: another run's output that appeared meanwhile is replaced only with --overwrite.
     try:
-        safety.replace_owned(staging / "out", out, replaceable_output, "a fishmerge output")
+        safety.replace_owned(
+            staging / "out", out, replaceable_output if overwrite else safety.is_empty_dir, "a fishmerge output"
+        )
     except FishmergeError:
         remove_staging(staging)
+        if not overwrite and is_fishmerge_output(out):
+            raise FishmergeError(
+                f"the output '{out}' was written by another fishmerge run while this one merged: choose another "
+                "`output:`, or pass --overwrite to replace it"
+            ) from None
         raise
     remove_staging(staging)
     return {

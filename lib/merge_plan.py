@@ -456,8 +456,7 @@ REPORT_FILES = ("report.md", "pipeline.json", "lambda_curve.png", "tasks.png")  
 
 def replaceable_output(path: str | Path) -> bool:
     """A merge output fishmerge wrote, or an empty folder (nothing to lose)."""
-    p = Path(path)
-    return is_fishmerge_output(p) or (p.is_dir() and not p.is_symlink() and not any(p.iterdir()))
+    return is_fishmerge_output(path) or safety.is_empty_dir(path)
 
 
 def is_fishmerge_output(path: str | Path) -> bool:

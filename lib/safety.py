@@ -56,6 +56,12 @@ def check_not_input(path: str | Path, inputs: Iterable[tuple[str, str | None]], 
             )
 
 
+def is_empty_dir(path: str | Path) -> bool:
+    """A real (not linked) folder holding nothing: there is nothing in it to lose."""
+    p = Path(path)
+    return p.is_dir() and not p.is_symlink() and not any(p.iterdir())
+
+
 def existing_ancestor(path: str | Path) -> Path:
     """The path itself or its nearest ancestor that exists (where a write would land first)."""
     p = Path(os.path.abspath(os.path.expanduser(str(path))))
