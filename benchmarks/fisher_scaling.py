@@ -28,12 +28,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-from lib.checkpoint import checkpoint_keys, checkpoint_names, load_model  # noqa: E402
-from lib.data import encode, load_split, select_indices  # noqa: E402
-from lib.fisher_engine import FisherAccumulator  # noqa: E402
-from lib.fisher_job import FisherSpec  # noqa: E402
-from lib.fisher_store import read_fisher, write_fisher_store  # noqa: E402
+from fishmerge.fisher.engine import FisherAccumulator  # noqa: E402
+from fishmerge.fisher.job import FisherSpec  # noqa: E402
+from fishmerge.fisher.store import read_fisher, write_fisher_store  # noqa: E402
+from fishmerge.io.checkpoint import checkpoint_keys, checkpoint_names, load_model  # noqa: E402
+from fishmerge.io.data import encode, load_split, select_indices  # noqa: E402
 
 EXAMPLE = Path(".fishmerge/examples/rotten_tomatoes")
 
@@ -81,10 +80,9 @@ def main() -> None:
     if not (EXAMPLE / "model").exists():
         sys.exit("run `make demo` (or examples/rotten_tomatoes/prepare.py) first")
     from distributed import LocalCluster
+    from fishmerge.flows.estimate_fisher import run_estimate_fisher
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
-
-    from flows.estimate_fisher import run_estimate_fisher
 
     spec = FisherSpec(
         model=str(EXAMPLE / "model"),

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.fisher_engine import FisherAccumulator  # noqa: E402
+from fishmerge.fisher.engine import FisherAccumulator  # noqa: E402
 
 
 def bert_like(num_labels: int = 3):

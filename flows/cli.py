@@ -6,12 +6,12 @@ import argparse
 import os
 import sys
 
-from lib.errors import FishmergeError
+from fishmerge.errors import FishmergeError
 
 
 def parse_size(text: str) -> int:
-    """argparse type for sizes such as 512MB or 2GiB (lib.sizes.parse_size)."""
-    from lib.sizes import parse_size as parse
+    """argparse type for sizes such as 512MB or 2GiB (fishmerge.sizes.parse_size)."""
+    from fishmerge.sizes import parse_size as parse
 
     try:
         return parse(text)
@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_fisher(args: argparse.Namespace) -> str:
     from dataclasses import asdict
 
-    from lib import storage
-    from lib.fisher_job import DEFAULT_STORE_ROOT, FisherSpec, existing_store, resolve
+    from fishmerge.fisher.job import DEFAULT_STORE_ROOT, FisherSpec, existing_store, resolve
+    from fishmerge.io import storage
 
     if args.shards < 1 or args.workers < 1:
         raise FishmergeError(f"--shards and --workers must be ≥ 1, got {args.shards} and {args.workers}")
@@ -141,8 +141,8 @@ def _cmd_fisher(args: argparse.Namespace) -> str:
             "own (slow). Start a server (`prefect server start`) and set PREFECT_API_URL here and on the workers.",
             file=sys.stderr,
         )
-    from flows.estimate_fisher import run_estimate_fisher
-    from lib.fisher_store import open_fisher_store
+    from fishmerge.fisher.store import open_fisher_store
+    from fishmerge.flows.estimate_fisher import run_estimate_fisher
 
     uri = run_estimate_fisher(
         asdict(spec),
@@ -165,8 +165,8 @@ def _cmd_fisher(args: argparse.Namespace) -> str:
 
 def _known_fishers(cfg) -> dict[str, str]:
     """Fisher stores already computed for the models that give `data:` (no model load)."""
-    from lib.fisher_job import DEFAULT_STORE_ROOT, FisherSpec, existing_store, resolve
-    from lib.merge_config import fisher_specs
+    from fishmerge.fisher.job import DEFAULT_STORE_ROOT, FisherSpec, existing_store, resolve
+    from fishmerge.merge.config import fisher_specs
 
     root = cfg.fisher.store_root or DEFAULT_STORE_ROOT
     found = {}
@@ -179,10 +179,10 @@ def _known_fishers(cfg) -> dict[str, str]:
 
 def _preflight(cfg, **options):
     """Every check of a merge that needs no estimation, before any flow machinery starts."""
-    from lib import storage
-    from lib.fisher_job import DEFAULT_STORE_ROOT
-    from lib.merge_config import fisher_specs
-    from lib.merge_plan import build_plan
+    from fishmerge.fisher.job import DEFAULT_STORE_ROOT
+    from fishmerge.io import storage
+    from fishmerge.merge.config import fisher_specs
+    from fishmerge.merge.plan import build_plan
 
     if fisher_specs(cfg):  # Fishers to estimate: their root must be usable before anything runs
         storage.check_writable_root(cfg.fisher.store_root or DEFAULT_STORE_ROOT)
@@ -190,8 +190,8 @@ def _preflight(cfg, **options):
 
 
 def _cmd_plan(args: argparse.Namespace) -> str:
-    from lib.merge_config import load_merge_config
-    from lib.merge_plan import format_plan
+    from fishmerge.merge.config import load_merge_config
+    from fishmerge.merge.plan import format_plan
 
     cfg = load_merge_config(args.config)
     plan = _preflight(cfg, shard_size=args.shard_size, threads=args.threads, overwrite=args.overwrite)
@@ -199,13 +199,13 @@ def _cmd_plan(args: argparse.Namespace) -> str:
 
 
 def _cmd_merge(args: argparse.Namespace) -> str:
-    from lib.merge_config import load_merge_config
-    from lib.merge_plan import format_plan
+    from fishmerge.merge.config import load_merge_config
+    from fishmerge.merge.plan import format_plan
 
     cfg = load_merge_config(args.config)
     plan = _preflight(cfg, shard_size=args.shard_size, threads=args.threads, overwrite=args.overwrite)
     print(format_plan(plan), file=sys.stderr)
-    from flows.merge import run_merge
+    from fishmerge.flows.merge import run_merge
 
     summary = run_merge(
         args.config,
@@ -230,18 +230,18 @@ def _cmd_merge(args: argparse.Namespace) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> str:
-    from lib.merge_config import load_merge_config
+    from fishmerge.merge.config import load_merge_config
 
     cfg = load_merge_config(args.config)  # config errors before any flow machinery starts
-    from lib import registry
+    from fishmerge import registry
 
     registry.tracking_uri(cfg.mlflow.tracking_uri)  # a malformed URI fails here
     if not any(m.path.startswith("models:/") for m in cfg.models):  # registry inputs are resolved by the flow
         _preflight(cfg, overwrite=True)  # the pipeline replaces its own earlier output
-    from flows.pipeline import run_pipeline
+    from fishmerge.flows.pipeline import run_pipeline
 
     out = run_pipeline(args.config, progress=not args.no_progress)
-    from lib.pipeline_report import results_table
+    from fishmerge.pipeline.report import results_table
 
     lines = ["λ: " + ", ".join(f"{n}={w:.3f}" for n, w in out["weights"].items())]
     if out["results"]:
@@ -254,7 +254,7 @@ def _cmd_run(args: argparse.Namespace) -> str:
 
 
 def _registry(args: argparse.Namespace) -> None:
-    from lib import registry
+    from fishmerge import registry
 
     uri = registry.tracking_uri(args.tracking_uri)
     registry.check_reachable(uri)
@@ -262,7 +262,7 @@ def _registry(args: argparse.Namespace) -> None:
 
 
 def _cmd_promote(args: argparse.Namespace) -> str:
-    from lib import registry
+    from fishmerge import registry
 
     _registry(args)
     d = registry.promote(args.name, args.version)
@@ -270,7 +270,7 @@ def _cmd_promote(args: argparse.Namespace) -> str:
 
 
 def _cmd_history(args: argparse.Namespace) -> str:
-    from lib import registry
+    from fishmerge import registry
 
     _registry(args)
     rows = registry.history(args.name)
@@ -287,7 +287,7 @@ def _cmd_history(args: argparse.Namespace) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> str:
-    from lib.fisher_report import inspect_store
+    from fishmerge.fisher.report import inspect_store
 
     text, problems = inspect_store(args.store)
     if problems:

@@ -11,14 +11,13 @@ import os
 import time
 
 import torch
+from fishmerge.errors import FishmergeError
+from fishmerge.fisher.job import DEFAULT_STORE_ROOT
+from fishmerge.fisher.shards import plan_shards
+from fishmerge.tasks.fisher import fisher_missing_shards, fisher_reduce, fisher_report, fisher_resolve, fisher_shard
 from prefect import flow, get_run_logger, unmapped
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
-
-from lib.errors import FishmergeError
-from lib.fisher_job import DEFAULT_STORE_ROOT
-from lib.fisher_shards import plan_shards
-from tasks.fisher import fisher_missing_shards, fisher_reduce, fisher_report, fisher_resolve, fisher_shard
 
 MAX_ROUNDS = 3
 
@@ -33,7 +32,7 @@ def estimate_fisher(
     progress: bool = False,
     sequential: bool = False,
 ) -> str | Failed:
-    """Estimate (or reuse) the Fisher of `spec` (lib.fisher_job.FisherSpec fields); return the store URI."""
+    """Estimate (or reuse) the Fisher of `spec` (fishmerge.fisher.job.FisherSpec fields); return the store URI."""
     log = get_run_logger()
     resolved = fisher_resolve(spec, store, store_root)
     if "error" in resolved:

@@ -3,18 +3,17 @@ plan, merge out of core with Dask, report. Threads in the task by default, or a 
 
 from __future__ import annotations
 
+from fishmerge.errors import FishmergeError
+from fishmerge.fisher.job import DEFAULT_STORE_ROOT
+from fishmerge.flows.estimate_fisher import estimate_fisher
+from fishmerge.tasks.merge import merge_execute, merge_fisher_existing, merge_plan, merge_report
 from prefect import flow, get_run_logger
 from prefect.states import Failed
-
-from flows.estimate_fisher import estimate_fisher
-from lib.errors import FishmergeError
-from lib.fisher_job import DEFAULT_STORE_ROOT
-from tasks.merge import merge_execute, merge_fisher_existing, merge_plan, merge_report
 
 
 def fishers_for(config: str, shards: int | None = None) -> tuple[dict[str, str], str | None]:
     """Fisher stores of the models that give `data:` instead of `fisher:` (reused, else estimated), and an error."""
-    from lib.merge_config import fisher_specs, load_merge_config
+    from fishmerge.merge.config import fisher_specs, load_merge_config
 
     cfg = load_merge_config(config)
     root = cfg.fisher.store_root or DEFAULT_STORE_ROOT

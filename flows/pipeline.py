@@ -3,12 +3,9 @@ the baselines → MLflow run, registration and promotion → report. Flow `promo
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
-from prefect.states import Failed
-
-from flows.merge import fishers_for, merge_models
-from lib.errors import FishmergeError
-from tasks.pipeline import (
+from fishmerge.errors import FishmergeError
+from fishmerge.flows.merge import fishers_for, merge_models
+from fishmerge.tasks.pipeline import (
     pipeline_evaluate,
     pipeline_prepare,
     pipeline_report,
@@ -16,12 +13,14 @@ from tasks.pipeline import (
     pipeline_track,
     registry_promote,
 )
+from prefect import flow, get_run_logger
+from prefect.states import Failed
 
 
 @flow(name="fisher-merge-pipeline")
 def fisher_merge_pipeline(config: str, progress: bool = False) -> dict | Failed:
     """Run the whole pipeline of a pipeline config (a merge config plus search/evaluate/register/mlflow)."""
-    from lib.merge_config import load_merge_config
+    from fishmerge.merge.config import load_merge_config
 
     log = get_run_logger()
     prep = pipeline_prepare(config)
@@ -98,7 +97,7 @@ def fisher_merge_pipeline(config: str, progress: bool = False) -> dict | Failed:
 @flow(name="promote")
 def promote(name: str, version: str | None = None, tracking_uri: str | None = None) -> dict | Failed:
     """Promote a registered version (default: the challenger) to champion by hand."""
-    from lib import registry
+    from fishmerge import registry
 
     out = registry_promote(name, version, registry.tracking_uri(tracking_uri))
     if "error" in out:

@@ -1,13 +1,12 @@
-"""Prefect tasks for Fisher estimation: thin wrappers over lib.fisher_job (inputs/outputs are JSON)."""
+"""Prefect tasks for Fisher estimation: thin wrappers over fishmerge.fisher.job (inputs/outputs are JSON)."""
 
 from __future__ import annotations
 
+from fishmerge.errors import FishmergeError
+from fishmerge.fisher.job import Resolved, compute_shard, finish, missing_shards
+from fishmerge.fisher.reduce import CorruptPartials
+from fishmerge.fisher.shards import Shard
 from prefect import task
-
-from lib.errors import FishmergeError
-from lib.fisher_job import Resolved, compute_shard, finish, missing_shards
-from lib.fisher_reduce import CorruptPartials
-from lib.fisher_shards import Shard
 
 
 @task(name="fisher-shard", tags=["fisher-gpu"], retries=2, retry_delay_seconds=2, task_run_name="shard-{shard[0]}")
@@ -47,7 +46,7 @@ def fisher_reduce(
 @task(name="fisher-resolve")
 def fisher_resolve(spec: dict, store: str | None, store_root: str) -> dict:
     """Fingerprint inputs (no model load) → resolved spec, plus the finished store if one exists."""
-    from lib.fisher_job import FisherSpec, existing_store, resolve
+    from fishmerge.fisher.job import FisherSpec, existing_store, resolve
 
     try:
         r = resolve(FisherSpec(**spec), store, store_root)
@@ -59,10 +58,9 @@ def fisher_resolve(spec: dict, store: str | None, store_root: str) -> dict:
 @task(name="fisher-report")
 def fisher_report(store: str, summaries: list[dict]) -> str:
     """Markdown artifact (spec, examples, wall time, throughput, per-layer mass) and a PNG beside the store."""
+    from fishmerge.fisher.report import layer_mass_markdown, plot_layer_mass, tensor_stats
+    from fishmerge.fisher.store import open_fisher_store
     from prefect.artifacts import create_markdown_artifact
-
-    from lib.fisher_report import layer_mass_markdown, plot_layer_mass, tensor_stats
-    from lib.fisher_store import open_fisher_store
 
     attrs = dict(open_fisher_store(store).attrs)
     rows = tensor_stats(store)

@@ -1,4 +1,4 @@
-"""Prefect tasks for merging: thin wrappers over lib.merge_plan / lib.merge_exec (JSON in, JSON out).
+"""Prefect tasks for merging: thin wrappers over fishmerge.merge.plan / fishmerge.merge.executor (JSON in, JSON out).
 
 Bad input (FishmergeError) comes back as {'error': message}: retrying cannot fix it, and the flow
 turns it into one readable failure.
@@ -6,13 +6,12 @@ turns it into one readable failure.
 
 from __future__ import annotations
 
+from fishmerge.errors import FishmergeError
 from prefect import task
-
-from lib.errors import FishmergeError
 
 
 def _plan(config: str, fishers: dict[str, str], options: dict):
-    from lib.merge_plan import plan_from_config
+    from fishmerge.merge.plan import plan_from_config
 
     return plan_from_config(
         config,
@@ -27,7 +26,7 @@ def _plan(config: str, fishers: dict[str, str], options: dict):
 @task(name="merge-fisher-existing")
 def merge_fisher_existing(spec: dict, store_root: str) -> str | None:
     """The finished Fisher store for this spec, if one was computed before (no model load)."""
-    from lib.fisher_job import FisherSpec, existing_store, resolve
+    from fishmerge.fisher.job import FisherSpec, existing_store, resolve
 
     return existing_store(resolve(FisherSpec(**spec), None, store_root))
 
@@ -35,7 +34,7 @@ def merge_fisher_existing(spec: dict, store_root: str) -> str | None:
 @task(name="merge-plan")
 def merge_plan(config: str, fishers: dict[str, str], options: dict) -> dict:
     """Check every input and describe the merge: {'plan': text, 'plan_id': …} or {'error': …}."""
-    from lib.merge_plan import format_plan
+    from fishmerge.merge.plan import format_plan
 
     try:
         plan = _plan(config, fishers, options)
@@ -47,7 +46,7 @@ def merge_plan(config: str, fishers: dict[str, str], options: dict) -> dict:
 @task(name="merge-execute", retries=1, retry_delay_seconds=2)
 def merge_execute(config: str, fishers: dict[str, str], options: dict) -> dict:
     """Run (or resume) the merge out of core; returns the execution summary."""
-    from lib.merge_exec import execute
+    from fishmerge.merge.executor import execute
 
     try:
         plan = _plan(config, fishers, options)

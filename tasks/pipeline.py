@@ -8,9 +8,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from fishmerge.errors import FishmergeError
 from prefect import task
-
-from lib.errors import FishmergeError
 
 
 def _errors_as_result(fn):
@@ -32,9 +31,9 @@ def pipeline_prepare(config: str, run_root: str = "./.fishmerge/runs") -> dict:
     import hashlib
 
     import yaml
-
-    from lib import registry, storage
-    from lib.merge_config import load_merge_config
+    from fishmerge import registry
+    from fishmerge.io import storage
+    from fishmerge.merge.config import load_merge_config
 
     text = Path(config).read_text() if Path(config).exists() else ""
     cfg = load_merge_config(config)
@@ -63,10 +62,10 @@ def pipeline_prepare(config: str, run_root: str = "./.fishmerge/runs") -> dict:
 @_errors_as_result
 def pipeline_search(config: str, fishers: dict[str, str], method: str | None = None) -> dict:
     """λ search (cached by content): every candidate merged in memory and scored on the search split."""
-    from lib.merge_config import load_merge_config
-    from lib.merge_plan import plan_from_config
-    from lib.merge_search import Scorer, candidates, load_inputs, search
-    from lib.pipeline_eval import cached, content_key, data_fingerprints
+    from fishmerge.merge.config import load_merge_config
+    from fishmerge.merge.plan import plan_from_config
+    from fishmerge.pipeline.baselines import cached, content_key, data_fingerprints
+    from fishmerge.pipeline.search import Scorer, candidates, load_inputs, search
 
     cfg = load_merge_config(config)
     s = cfg.search
@@ -99,10 +98,9 @@ def pipeline_evaluate(
     merged_dirs: dict[str, str],
 ) -> dict:
     """Merged models and baselines on each task's evaluation split (cached by content)."""
-    from lib.merge_config import load_merge_config
-    from lib.merge_plan import plan_from_config
-    from lib.merge_search import Scorer, load_inputs
-    from lib.pipeline_eval import (
+    from fishmerge.merge.config import load_merge_config
+    from fishmerge.merge.plan import plan_from_config
+    from fishmerge.pipeline.baselines import (
         cached,
         content_key,
         data_fingerprints,
@@ -110,6 +108,7 @@ def pipeline_evaluate(
         evaluate_merged,
         isotropic_plan,
     )
+    from fishmerge.pipeline.search import Scorer, load_inputs
 
     cfg = load_merge_config(config)
     ev = cfg.evaluate
@@ -142,10 +141,10 @@ def pipeline_track(
     tracking_uri: str,
 ) -> dict:
     """The MLflow run (nested candidate runs), registration of each target, promotion decisions."""
-    from lib import registry
-    from lib.merge_config import load_merge_config
-    from lib.merge_plan import plan_from_config
-    from lib.pipeline_tracking import log_pipeline_run
+    from fishmerge import registry
+    from fishmerge.merge.config import load_merge_config
+    from fishmerge.merge.plan import plan_from_config
+    from fishmerge.registry.tracking import log_pipeline_run
 
     cfg = load_merge_config(config)
     registry.check_reachable(tracking_uri)
@@ -167,13 +166,12 @@ def pipeline_report(
     merged_dirs: dict[str, str],
 ) -> dict:
     """report.md and PNGs beside the merged folders, Prefect markdown + table artifacts, MLflow artifacts."""
+    from fishmerge.fisher.report import plot_layer_mass, tensor_stats
+    from fishmerge.io import storage
+    from fishmerge.merge.config import load_merge_config
+    from fishmerge.pipeline.report import plot_lambda_curve, plot_task_bars, report_markdown
+    from fishmerge.registry.tracking import log_report
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    from lib import storage
-    from lib.fisher_report import plot_layer_mass, tensor_stats
-    from lib.merge_config import load_merge_config
-    from lib.pipeline_report import plot_lambda_curve, plot_task_bars, report_markdown
-    from lib.pipeline_tracking import log_report
 
     cfg = load_merge_config(config)
     out = Path(cfg.output)
@@ -233,7 +231,7 @@ def _artifact_key(name: str, what: str) -> str:
 @_errors_as_result
 def registry_promote(name: str, version: str | None, tracking_uri: str) -> dict:
     """Make a version (default: the challenger) the champion by hand."""
-    from lib import registry
+    from fishmerge import registry
 
     registry.check_reachable(tracking_uri)
     registry.use_experiment("fishmerge-promotions", tracking_uri)

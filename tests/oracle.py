@@ -1,7 +1,7 @@
 """Independent slow oracle: batch 1, unpadded, one backward per class or draw, parameter gradients.
 
-Deliberately shares nothing with lib.fisher_engine / lib.fisher_rules. It reuses only the
-public noise stream (lib.fisher_likelihood.example_noise) so that `sampled` draws the same y;
+Deliberately shares nothing with fishmerge.fisher.engine / fishmerge.fisher.rules. It reuses only the
+public noise stream (fishmerge.fisher.estimators.example_noise) so that `sampled` draws the same y;
 the draw itself (inverse CDF) is reimplemented here with numpy.
 """
 
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from lib.fisher_likelihood import example_noise
+from fishmerge.fisher.estimators import example_noise
 
 
 def _draw(probs: torch.Tensor, u: float) -> int:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fishmerge.flows.cli import main
 from safetensors.torch import load_file, save_file
 
-from flows.cli import main
 from tests.conftest import save_model_dir, sentences
 
 

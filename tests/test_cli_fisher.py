@@ -10,12 +10,12 @@ import datasets
 import numpy as np
 import torch
 import zarr
+from fishmerge.fisher.store import REQUIRED_ATTRS
+from fishmerge.flows.cli import main
+from fishmerge.io.checkpoint import checkpoint_keys
+from fishmerge.io.data import select_indices
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from flows.cli import main
-from lib.checkpoint import checkpoint_keys
-from lib.data import select_indices
-from lib.fisher_store import REQUIRED_ATTRS
 from tests.conftest import sentences
 from tests.oracle import naive_fisher
 
@@ -190,7 +190,7 @@ def test_console_script_runs_without_traceback(model_dirs, csv_data, tmp_path) -
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "fishmerge.flows.cli",
             "fisher",
             "--model",
             str(model_dirs["gpt2-cls"]),
@@ -211,7 +211,7 @@ def test_console_script_runs_without_traceback(model_dirs, csv_data, tmp_path) -
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "fishmerge.flows.cli",
             "fisher",
             "--model",
             str(tmp_path / "nope"),

@@ -1,4 +1,4 @@
-"""lib/evaluate.py against independent oracles: scikit-learn metrics, per-example unpadded forwards."""
+"""lib/fishmerge/pipeline/evaluation.py against independent oracles: scikit-learn metrics, per-example unpadded forwards."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, f1_score
-
-from lib.errors import FishmergeError
-from lib.evaluate import (
+from fishmerge.errors import FishmergeError
+from fishmerge.pipeline.evaluation import (
     accuracy,
     class_probabilities,
     classification_metrics,
@@ -20,6 +18,8 @@ from lib.evaluate import (
     macro_f1,
     perplexity,
 )
+from sklearn.metrics import accuracy_score, f1_score
+
 from tests.conftest import SPECIAL, WORDS, save_model_dir, sentences
 
 

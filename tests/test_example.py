@@ -51,7 +51,7 @@ def test_example_pipeline_cut_down(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # caches (.fishmerge/cache) land in the test's folder
 
-    from flows.cli import main
+    from fishmerge.flows.cli import main
 
     assert main(["run", str(path), "--no-progress"]) == 0
 

@@ -10,13 +10,13 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import zarr
+from fishmerge.fisher.job import compute_shard, resolve
+from fishmerge.fisher.shards import plan_shards
+from fishmerge.fisher.store import open_fisher_store, read_fisher
+from fishmerge.flows.cli import main
+from fishmerge.flows.estimate_fisher import run_estimate_fisher
+from fishmerge.io import checkpoint, storage
 
-from flows.cli import main
-from flows.estimate_fisher import run_estimate_fisher
-from lib import checkpoint, storage
-from lib.fisher_job import compute_shard, resolve
-from lib.fisher_shards import plan_shards
-from lib.fisher_store import open_fisher_store, read_fisher
 from tests.test_fisher_sharded import fisher_args, rel_err, setup  # noqa: F401  (module fixture reused)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fishmerge.errors import FishmergeError
+from fishmerge.fisher.engine import FisherAccumulator, estimate_fisher
 from torch import nn
 
-from lib.errors import FishmergeError
-from lib.fisher_engine import FisherAccumulator, estimate_fisher
 from tests.oracle import naive_fisher
 from tests.test_fisher_oracle import assert_close, make_batches, make_examples
 from tests.tiny_models import build

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fishmerge.fisher.engine import estimate_fisher
+from fishmerge.fisher.estimators import detect_head
 
-from lib.fisher_engine import estimate_fisher
-from lib.fisher_likelihood import detect_head
 from tests.oracle import naive_fisher
 from tests.tiny_models import VOCAB, build
 
@@ -128,7 +128,7 @@ def test_tied_weights_are_summed_before_squaring() -> None:
 @pytest.mark.parametrize("name", ["bert-cls", "gpt2-lm", "llama-lm"])
 def test_batched_bmm_path_used_on_gpu_matches_oracle(name: str, monkeypatch) -> None:
     """The chunked-bmm path (the GPU default) checked on CPU, with chunks of 2 examples."""
-    from lib import fisher_rules
+    from fishmerge.fisher import rules as fisher_rules
 
     monkeypatch.setattr(fisher_rules, "PER_EXAMPLE_LOOP_DEVICES", set())
     model = build(name)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fishmerge.fisher.engine import estimate_fisher
 
-from lib.fisher_engine import estimate_fisher
 from tests.oracle import naive_fisher
 from tests.test_fisher_oracle import assert_close
 

@@ -1,6 +1,6 @@
 """Per-layer grouping and ordering used by the artifact, the plot and `fishmerge inspect`."""
 
-from lib.fisher_report import layer_mass, layer_of
+from fishmerge.fisher.report import layer_mass, layer_of
 
 
 def test_layer_of_groups_by_transformer_layer() -> None:

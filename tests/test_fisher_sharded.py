@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from fishmerge.fisher.job import FisherSpec, compute_shard, resolve
+from fishmerge.fisher.shards import partials_uri, plan_shards
+from fishmerge.fisher.store import read_fisher
+from fishmerge.flows.cli import main
+from fishmerge.flows.estimate_fisher import run_estimate_fisher
+from fishmerge.io import checkpoint
 
-from flows.cli import main
-from flows.estimate_fisher import run_estimate_fisher
-from lib import checkpoint
-from lib.fisher_job import FisherSpec, compute_shard, resolve
-from lib.fisher_shards import partials_uri, plan_shards
-from lib.fisher_store import read_fisher
 from tests.conftest import save_model_dir, sentences
 
 
@@ -110,7 +110,7 @@ def _cli(setup, root: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "flows.cli",
+        "fishmerge.flows.cli",
         "fisher",
         "--no-progress",
         "--model",

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-
-from lib.errors import FishmergeError
-from lib.fisher_store import open_fisher_store, read_fisher, write_fisher_store
+from fishmerge.errors import FishmergeError
+from fishmerge.fisher.store import open_fisher_store, read_fisher, write_fisher_store
 
 ATTRS = {"estimator": "exact", "n_examples": 3, "model_fingerprint": "m", "data_fingerprint": "d"}
 

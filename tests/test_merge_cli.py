@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from fishmerge.fisher.store import write_fisher_store
+from fishmerge.flows.cli import main
+from fishmerge.io.checkpoint import cached_model_fingerprint
+from fishmerge.io.safetensors import tensor_index
 
-from flows.cli import main
-from lib.checkpoint import cached_model_fingerprint
-from lib.fisher_store import write_fisher_store
-from lib.safetensors_io import tensor_index
 from tests.conftest import save_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
 
 def cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "fishmerge.flows.cli", *args],
         capture_output=True,
         text=True,
         timeout=600,

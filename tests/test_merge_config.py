@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from lib.errors import FishmergeError
-from lib.merge_config import load_merge_config
-from lib.sizes import parse_size
+from fishmerge.errors import FishmergeError
+from fishmerge.merge.config import load_merge_config
+from fishmerge.sizes import parse_size
 
 GOOD = """
 name: rte-mnli

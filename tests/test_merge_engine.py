@@ -3,7 +3,7 @@
 size, against independent in-memory numpy references of each formula.
 
 The references read the input safetensors whole (float64; bf16 widened by torch), apply the
-formula vectorised over whole tensors as the brief defines it, and never call lib.merge_methods.
+formula vectorised over whole tensors as the brief defines it, and never call fishmerge.merge.methods.
 fp32 outputs must match to 1e-6 (norm-wise, and elementwise within a few fp32 ulps of the inputs'
 magnitude); bf16 outputs must equal the reference rounded to fp32 then cast by torch, except
 where the exact value lies within fp32 rounding of a bf16 rounding midpoint (≤ 1 ulp). Those
@@ -26,14 +26,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from fishmerge.errors import FishmergeError
+from fishmerge.fisher.store import begin_store, commit_store, write_fisher_store
+from fishmerge.io.checkpoint import cached_model_fingerprint
+from fishmerge.merge.config import load_merge_config
+from fishmerge.merge.executor import execute
+from fishmerge.merge.plan import build_plan
 from safetensors.torch import load_file
 
-from lib.checkpoint import cached_model_fingerprint
-from lib.errors import FishmergeError
-from lib.fisher_store import begin_store, commit_store, write_fisher_store
-from lib.merge_config import load_merge_config
-from lib.merge_exec import execute
-from lib.merge_plan import build_plan
 from tests.conftest import make_tokenizer, save_model_dir
 from tests.tiny_models import _bert_cfg
 

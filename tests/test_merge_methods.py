@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from lib.errors import FishmergeError
-from lib.merge_methods import MergeOptions, get_method
+from fishmerge.errors import FishmergeError
+from fishmerge.merge.methods import MergeOptions, get_method
 
 SHAPE = (37, 11)
 

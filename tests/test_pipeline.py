@@ -23,11 +23,11 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from fishmerge import registry
+from fishmerge.flows.cli import main
+from fishmerge.flows.pipeline import run_pipeline
 from mlflow import MlflowClient
 
-from flows.cli import main
-from flows.pipeline import run_pipeline
-from lib import registry
 from tests.conftest import WORDS, save_model_dir
 
 KEYWORDS = {"a": "w1", "b": "w2"}  # task of model a: does the text contain w1? of b: w2?

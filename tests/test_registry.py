@@ -1,4 +1,4 @@
-"""lib/registry.py on a real MLflow (SQLite store in tmp_path, artifacts beside it)."""
+"""fishmerge.registry on a real MLflow (SQLite store in tmp_path, artifacts beside it)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from mlflow import MlflowClient
-
-from lib.errors import FishmergeError
-from lib.registry import (
+from fishmerge.errors import FishmergeError
+from fishmerge.registry import (
     apply_promotion,
     check_reachable,
     decide_promotion,
@@ -24,6 +22,8 @@ from lib.registry import (
     tracking_uri,
     use_experiment,
 )
+from mlflow import MlflowClient
+
 from tests.conftest import SPECIAL, WORDS, save_model_dir
 
 NAME = "fm-test"
@@ -194,13 +194,13 @@ def test_pyfunc_predicts_label_names_and_downloads_as_hf(store, cls_dir, tmp_pat
 
 
 def test_logged_model_loads_without_fishmerge(store, cls_dir, monkeypatch) -> None:
-    """The pyfunc is pickled by value: with fishmerge's `lib` unimportable, it still loads and predicts."""
+    """The pyfunc is pickled by value: with fishmerge unimportable, it still loads and predicts."""
     register(cls_dir, "lineage-a")
     want = oracle_labels(cls_dir, TEXTS)
-    for mod in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
-        monkeypatch.setitem(sys.modules, mod, None)  # any `import lib...` now raises ImportError
+    for mod in [m for m in sys.modules if m == "fishmerge" or m.startswith("fishmerge.")]:
+        monkeypatch.setitem(sys.modules, mod, None)  # any `import fishmerge...` now raises ImportError
     with pytest.raises(ImportError):
-        __import__("lib.registry")
+        __import__("fishmerge.registry.pyfunc")
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
     assert list(model.predict(TEXTS)) == want
 

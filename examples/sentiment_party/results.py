@@ -39,7 +39,7 @@ VARIANTS = {  # fisher-block overrides for investigations (never tuned on the te
 
 def run_seed(seed: int, variant: str, root: Path) -> dict:
     """Prepare (cached per seed) and run the pipeline for one seed; returns pipeline.json."""
-    from lib.merge_config import load_merge_config
+    from fishmerge.merge.config import load_merge_config
 
     inputs = root / f"seed{seed}"
     t0 = time.perf_counter()
@@ -57,7 +57,9 @@ def run_seed(seed: int, variant: str, root: Path) -> dict:
     path = root / f"pipeline-{variant}-seed{seed}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     t1 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path), "--no-progress"], check=True, cwd=REPO)
+    subprocess.run(
+        [sys.executable, "-m", "fishmerge.flows.cli", "run", str(path), "--no-progress"], check=True, cwd=REPO
+    )
     out = json.loads((Path(cfg["output"]) / "pipeline.json").read_text())
     out["seconds"] = {"prepare": round(prep_s, 1), "pipeline": round(time.perf_counter() - t1, 1)}
     out["fisher"] = load_merge_config(str(path)).fisher.model_dump()  # with the defaults (seed, …)
@@ -85,10 +87,10 @@ def diagnostics(config: Path, run: dict) -> dict:
     - `distance_to_isotropic`: ‖θ_Fisher − θ_iso‖ / ‖θ_0 − θ_1‖ (target 0).
     - `uniform_lambda_test_accuracy`: Fisher and isotropic merging on the test split.
     """
-    from lib.merge_config import load_merge_config
-    from lib.merge_plan import plan_from_config
-    from lib.merge_search import Scorer, load_inputs, merge_in_memory, score_candidate
-    from lib.pipeline_eval import isotropic_plan
+    from fishmerge.merge.config import load_merge_config
+    from fishmerge.merge.plan import plan_from_config
+    from fishmerge.pipeline.baselines import isotropic_plan
+    from fishmerge.pipeline.search import Scorer, load_inputs, merge_in_memory, score_candidate
 
     names = run["searches"]["fisher"]["names"]
     if len(names) != 2:
@@ -260,7 +262,7 @@ heads, order of examples); data splits are fixed. Test accuracy per task, mean �
 {untuned}
 
 Fisher examples: {f["examples"]} rows of each task's **train** split (never validation or test), the same
-rows for every seed (drawn with `fisher.seed` {f.get("seed", 0)}, `lib.data.select_indices`), truncated to
+rows for every seed (drawn with `fisher.seed` {f.get("seed", 0)}, `fishmerge.io.data.select_indices`), truncated to
 {f["max_length"]} tokens; estimator `{f["estimator"]}` (the expectation over the model's own predicted
 label distribution, per example), floor {f["floor"]}, favor_target {f["favor_target"]}, normalize
 {f["normalize"]}. Output ensemble: equal weights over both bodies under each target's head.

@@ -311,8 +311,8 @@ def fisher_inputs(root: Path) -> list[str]:
     """A tiny BERT and 12 rows (a save_to_disk folder: no datasets cache is written when it is read);
     the `fishmerge fisher … --shards 3` arguments for them, with a relative store root (the cwd's)."""
     import datasets
+    from fishmerge.io.checkpoint import cached_model_fingerprint
 
-    from lib.checkpoint import cached_model_fingerprint
     from tests.conftest import save_model_dir, sentences
     from tests.test_fisher_sharded import fisher_args
 

@@ -235,7 +235,7 @@ def write_trace(path: str) -> None:
 
 def run(args: list[str], at: int | None = None, side: str | None = None, sync: dict | None = None) -> int:
     """Run `fishmerge args` in this process under the wrappers (the launcher's and a fork server child's job)."""
-    from flows.cli import main as fishmerge
+    from fishmerge.flows.cli import main as fishmerge
 
     install(at, side, with_mlflow=bool(set(args) & MLFLOW_COMMANDS) or "mlflow" in sys.modules, sync=sync)
     return fishmerge(args)
@@ -266,21 +266,21 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------- fork server (start-up paid once)
 
 PRELOAD = [
-    "flows.cli",
-    "flows.estimate_fisher",
-    "flows.merge",
-    "flows.pipeline",
-    "tasks.fisher",
-    "tasks.merge",
-    "tasks.pipeline",
-    "lib.registry",
-    "lib.pipeline_tracking",
-    "lib.pipeline_eval",
-    "lib.pipeline_report",
-    "lib.merge_exec",
-    "lib.merge_search",
-    "lib.fisher_job",
-    "lib.fisher_report",
+    "fishmerge.flows.cli",
+    "fishmerge.flows.estimate_fisher",
+    "fishmerge.flows.merge",
+    "fishmerge.flows.pipeline",
+    "fishmerge.tasks.fisher",
+    "fishmerge.tasks.merge",
+    "fishmerge.tasks.pipeline",
+    "fishmerge.registry",
+    "fishmerge.registry.tracking",
+    "fishmerge.pipeline.baselines",
+    "fishmerge.pipeline.report",
+    "fishmerge.merge.executor",
+    "fishmerge.pipeline.search",
+    "fishmerge.fisher.job",
+    "fishmerge.fisher.report",
     "mlflow",
     "mlflow.pyfunc",
     "datasets",

@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from fishmerge.flows.cli import main
 
-from flows.cli import main
 from tests.conftest import save_model_dir, sentences
 from tests.test_bad_input import write_csv
 from tests.test_merge_cli import write_fisher
@@ -175,7 +175,7 @@ def run_subprocess(argv: list[str], ctx: Ctx) -> tuple[int, str]:
             env[k] = v
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "flows.cli", *argv],
+            [sys.executable, "-m", "fishmerge.flows.cli", *argv],
             cwd=ctx.ws,
             env=env,
             capture_output=True,

@@ -193,9 +193,9 @@ def run_inputs(tmp_path_factory) -> dict:
     datasets, and an empty, migrated MLflow SQLite database to copy into each workspace."""
     import datasets
     import torch
+    from fishmerge.io.checkpoint import cached_model_fingerprint
     from mlflow import MlflowClient
 
-    from lib.checkpoint import cached_model_fingerprint
     from tests.test_pipeline import KEYWORDS, finetune, keyword_rows
 
     root = tmp_path_factory.mktemp("kill-run-inputs")
@@ -237,9 +237,8 @@ def run_workspace(inputs: dict, ws: Path) -> Path:
 
 def registry_state(ws: Path) -> dict:
     """{registered model: {"versions": n, "aliases": {alias: version}, "undecided": [versions without a decision]}}."""
+    from fishmerge.registry import DECISION_TAG
     from mlflow import MlflowClient
-
-    from lib.registry import DECISION_TAG
 
     client = MlflowClient(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
     state = {}

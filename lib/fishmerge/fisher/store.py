@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from lib import __version__, safety, storage
-from lib.errors import FishmergeError
+from fishmerge import __version__
+from fishmerge.errors import FishmergeError
+from fishmerge.io import safety, storage
 
 FORMAT = "fishmerge.fisher"
 FORMAT_VERSION = 1

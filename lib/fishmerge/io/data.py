@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.errors import FishmergeError
+from fishmerge.errors import FishmergeError
 
 FILE_LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 

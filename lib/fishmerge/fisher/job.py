@@ -17,8 +17,21 @@ from dataclasses import asdict, dataclass, field, replace
 
 from tqdm.auto import tqdm
 
-from lib import safety, storage
-from lib.checkpoint import (
+from fishmerge.errors import FishmergeError
+from fishmerge.fisher.engine import DEFAULT_MAX_MEMORY, FisherAccumulator
+from fishmerge.fisher.estimators import detect_head
+from fishmerge.fisher.reduce import CorruptPartials, reduce_partials
+from fishmerge.fisher.shards import Shard, complete_shards, discard_shard, partials_uri, write_partial
+from fishmerge.fisher.store import (
+    FORMAT,
+    FORMAT_VERSION,
+    WRITING,
+    check_store_path,
+    open_fisher_store,
+    stored_attributes,
+)
+from fishmerge.io import safety, storage
+from fishmerge.io.checkpoint import (
     cached_model_fingerprint,
     checkpoint_keys,
     checkpoint_names,
@@ -27,13 +40,7 @@ from lib.checkpoint import (
     model_architecture,
     read_model_config,
 )
-from lib.data import check_columns, data_fingerprint, encode, load_split, select_indices
-from lib.errors import FishmergeError
-from lib.fisher_engine import DEFAULT_MAX_MEMORY, FisherAccumulator
-from lib.fisher_likelihood import detect_head
-from lib.fisher_reduce import CorruptPartials, reduce_partials
-from lib.fisher_shards import Shard, complete_shards, discard_shard, partials_uri, write_partial
-from lib.fisher_store import FORMAT, FORMAT_VERSION, WRITING, check_store_path, open_fisher_store, stored_attributes
+from fishmerge.io.data import check_columns, data_fingerprint, encode, load_split, select_indices
 
 DEFAULT_STORE_ROOT = "./.fishmerge/fishers"
 

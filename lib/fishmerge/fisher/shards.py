@@ -19,8 +19,8 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from lib import storage
-from lib.fisher_store import chunk_shape
+from fishmerge.fisher.store import chunk_shape
+from fishmerge.io import storage
 
 MARKER = "complete.json"
 

@@ -17,14 +17,15 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib import __version__, safety
-from lib.checkpoint import cached_model_fingerprint, model_architecture, read_model_config
-from lib.errors import FishmergeError
-from lib.fisher_store import open_fisher_store
-from lib.merge_config import MergeConfig
-from lib.merge_methods import MergeMethod, MergeOptions, get_method
-from lib.safetensors_io import DTYPE_NAMES, FLOAT_DTYPES, ITEMSIZE, TensorRef, tensor_index
-from lib.sizes import parse_size
+from fishmerge import __version__
+from fishmerge.errors import FishmergeError
+from fishmerge.fisher.store import open_fisher_store
+from fishmerge.io import safety
+from fishmerge.io.checkpoint import cached_model_fingerprint, model_architecture, read_model_config
+from fishmerge.io.safetensors import DTYPE_NAMES, FLOAT_DTYPES, ITEMSIZE, TensorRef, tensor_index
+from fishmerge.merge.config import MergeConfig
+from fishmerge.merge.methods import MergeMethod, MergeOptions, get_method
+from fishmerge.sizes import parse_size
 
 DEFAULT_SHARD_SIZE = 2 * 10**9
 BASELINE_RSS = 450 * 2**20  # interpreter, numpy, torch, dask, zarr: measured RssAnon before any block
@@ -401,7 +402,7 @@ def plan_from_config(
     **options,
 ) -> MergePlan:
     """Load a config and plan it, optionally with other λ (a search candidate) or another method."""
-    from lib.merge_config import load_merge_config
+    from fishmerge.merge.config import load_merge_config
 
     cfg = load_merge_config(config)
     if method:

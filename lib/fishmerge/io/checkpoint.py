@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lib.errors import FishmergeError
+from fishmerge.errors import FishmergeError
 
 HEAD_SUFFIXES = ("ForSequenceClassification", "ForCausalLM", "LMHeadModel", "ForTokenClassification")
 _READ_BLOCK = 16 * 2**20

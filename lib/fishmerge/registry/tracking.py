@@ -10,9 +10,9 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from lib import registry
-from lib.merge_config import MergeConfig
-from lib.merge_plan import MergePlan
+from fishmerge import registry
+from fishmerge.merge.config import MergeConfig
+from fishmerge.merge.plan import MergePlan
 
 
 def registered_name(cfg: MergeConfig, target: str) -> str:

@@ -15,10 +15,11 @@ import json
 
 import numpy as np
 
-from lib import __version__, storage
-from lib.evaluate import ensemble_probabilities
-from lib.merge_plan import MergePlan
-from lib.merge_search import MergeInputs, Scorer, load_state, merge_in_memory
+from fishmerge import __version__
+from fishmerge.io import storage
+from fishmerge.merge.plan import MergePlan
+from fishmerge.pipeline.evaluation import ensemble_probabilities
+from fishmerge.pipeline.search import MergeInputs, Scorer, load_state, merge_in_memory
 
 CACHE_ROOT = "./.fishmerge/cache"
 
@@ -42,7 +43,7 @@ def _device_of(scorer: Scorer, target: str) -> str:
 
 def evaluate_merged(scorer: Scorer, merged_dirs: dict[str, str], metrics: list[str]) -> dict[str, dict[str, float]]:
     """{'merged': {'<task>/<metric>': value}}: each merged output folder on its target's task."""
-    from lib.checkpoint import load_model
+    from fishmerge.io.checkpoint import load_model
 
     out: dict[str, dict[str, float]] = {"merged": {}}
     record = _recorder(scorer, metrics, out)
@@ -61,7 +62,7 @@ def evaluate_baselines(
     baselines: list[str],
 ) -> dict[str, dict[str, float]]:
     """{'originals'|'isotropic'|'ensemble': {'<task>/<metric>': value}}; none of them reads a Fisher."""
-    from lib.checkpoint import load_model
+    from fishmerge.io.checkpoint import load_model
 
     plan = scorer.plan
     out: dict[str, dict[str, float]] = {b: {} for b in baselines}

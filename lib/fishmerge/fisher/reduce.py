@@ -12,8 +12,8 @@ from __future__ import annotations
 import dask
 import numpy as np
 
-from lib.fisher_shards import Shard, open_partial
-from lib.fisher_store import abort_store, begin_store, chunk_shape, commit_store, create_fisher_array
+from fishmerge.fisher.shards import Shard, open_partial
+from fishmerge.fisher.store import abort_store, begin_store, chunk_shape, commit_store, create_fisher_array
 
 BLOCK_BYTES = 32 * 2**20
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lib.errors import FishmergeError
+from fishmerge.errors import FishmergeError
 
 
 @dataclass
@@ -148,7 +148,9 @@ class Ties(MergeMethod):
         b = base.astype(np.float32, copy=False)
         thresholds = (context or {}).get("ties_thresholds")
         if thresholds is None:
-            raise FishmergeError("ties needs per-tensor thresholds (lib.merge_exec.ties_thresholds_streaming)")
+            raise FishmergeError(
+                "ties needs per-tensor thresholds (fishmerge.merge.executor.ties_thresholds_streaming)"
+            )
         trimmed = []
         for t, thr in zip(thetas, thresholds):
             tv = t.astype(np.float32, copy=False) - b

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.checkpoint import ITEMSIZE, read_header_and_size, safetensors_files
-from lib.errors import FishmergeError
+from fishmerge.errors import FishmergeError
+from fishmerge.io.checkpoint import ITEMSIZE, read_header_and_size, safetensors_files
 
 READABLE = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
 FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}

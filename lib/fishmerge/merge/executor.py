@@ -23,12 +23,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lib import safety
-from lib.errors import FishmergeError
-from lib.fisher_store import FisherReader
-from lib.merge_output import write_metadata
-from lib.merge_plan import MergePlan, identical_output_exists, is_fishmerge_output, replaceable_output
-from lib.safetensors_io import (
+from fishmerge.errors import FishmergeError
+from fishmerge.fisher.store import FisherReader
+from fishmerge.io import safety
+from fishmerge.io.safetensors import (
     FLOAT_DTYPES,
     OutputTensor,
     create_file,
@@ -39,6 +37,8 @@ from lib.safetensors_io import (
     read_rows,
     write_rows,
 )
+from fishmerge.merge.output import write_metadata
+from fishmerge.merge.plan import MergePlan, identical_output_exists, is_fishmerge_output, replaceable_output
 
 JOURNAL = "journal.tsv"
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lib.errors import FishmergeError
+from fishmerge.errors import FishmergeError
 
 ESTIMATORS = ("exact", "sampled", "empirical")
 HEADS = ("sequence_classification", "causal_lm", "token_classification")

@@ -13,9 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
-from lib import __version__
-from lib.checkpoint import FINGERPRINT_CACHE
-from lib.merge_plan import OUTPUT_MARKER, MergePlan
+from fishmerge import __version__
+from fishmerge.io.checkpoint import FINGERPRINT_CACHE
+from fishmerge.merge.plan import OUTPUT_MARKER, MergePlan
 
 SKIP = {"model.safetensors.index.json", "README.md", "fishmerge.json", ".fishmerge-fingerprint.json"}
 _TORCH_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}

@@ -16,8 +16,8 @@ from typing import Any
 import fsspec
 import zarr
 
-from lib import safety
-from lib.errors import FishmergeError
+from fishmerge.errors import FishmergeError
+from fishmerge.io import safety
 
 
 def is_remote(uri: str) -> bool:

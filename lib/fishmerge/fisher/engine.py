@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from lib.errors import FishmergeError
-from lib.fisher_likelihood import ESTIMATORS, detect_head, log_likelihood_terms
-from lib.fisher_rules import Call, LinearRule, Rule, VmapFallbackRule, _chunk_size, _slices, rule_for
+from fishmerge.errors import FishmergeError
+from fishmerge.fisher.estimators import ESTIMATORS, detect_head, log_likelihood_terms
+from fishmerge.fisher.rules import Call, LinearRule, Rule, VmapFallbackRule, _chunk_size, _slices, rule_for
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
 
@@ -123,7 +123,7 @@ class FisherAccumulator:
             raise FishmergeError(
                 f"no per-layer rule for parameter-holding module(s): {', '.join(uncovered)}. Use the vmap "
                 "fallback (fallback='vmap', CLI --fallback vmap), register a rule with "
-                "lib.fisher_rules.register_rule, or freeze those parameters."
+                "fishmerge.fisher.rules.register_rule, or freeze those parameters."
             )
         self.fallback_modules = uncovered
 
@@ -262,7 +262,7 @@ class FisherAccumulator:
                 raise FishmergeError(
                     f"the per-layer rules do not reproduce the gradient of parameter '{k}' (relative error "
                     f"{float(err / scale):.2e}): it is used outside its module's forward, or by a module "
-                    "whose rule does not fit it. Freeze it, or register a rule (lib.fisher_rules.register_rule)."
+                    "whose rule does not fit it. Freeze it, or register a rule (fishmerge.fisher.rules.register_rule)."
                 )
 
     def fisher(self) -> dict[str, torch.Tensor]:

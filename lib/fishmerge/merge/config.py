@@ -15,9 +15,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lib.errors import FishmergeError
-from lib.merge_methods import METHODS
-from lib.sizes import parse_size
+from fishmerge.errors import FishmergeError
+from fishmerge.merge.methods import METHODS
+from fishmerge.sizes import parse_size
 
 
 class _Strict(BaseModel):
@@ -325,7 +325,7 @@ def _resolve_paths(cfg: MergeConfig, root: Path) -> MergeConfig:
 
 
 def fisher_specs(cfg: MergeConfig) -> dict[str, dict]:
-    """FisherSpec fields (lib.fisher_job) for each model whose Fisher is estimated from its `data:`."""
+    """FisherSpec fields (fishmerge.fisher.job) for each model whose Fisher is estimated from its `data:`."""
     out = {}
     for m in cfg.models:
         if m.fisher or not m.data or not METHODS[cfg.method].needs_fisher:

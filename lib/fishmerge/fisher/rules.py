@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten
 
-from lib.errors import FishmergeError
+from fishmerge.errors import FishmergeError
 
 
 @dataclass
@@ -307,7 +307,7 @@ class VmapFallbackRule(Rule):
             raise FishmergeError(
                 f"cannot compute per-example gradients of module '{call.module_name}' "
                 f"({type(m).__name__}) with the vmap fallback: {exc}. Register a rule for it with "
-                "lib.fisher_rules.register_rule, or freeze its parameters."
+                "fishmerge.fisher.rules.register_rule, or freeze its parameters."
             ) from exc
         return {k: v.float() for k, v in g.items()}
 

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lib.errors import FishmergeError
-from lib.evaluate import class_probabilities, classification_metrics, label_ids, load_eval_rows
-from lib.merge_config import MergeConfig
-from lib.merge_plan import MergePlan
+from fishmerge.errors import FishmergeError
+from fishmerge.merge.config import MergeConfig
+from fishmerge.merge.plan import MergePlan
+from fishmerge.pipeline.evaluation import class_probabilities, classification_metrics, label_ids, load_eval_rows
 
 
 def candidates(k: int, strategy: str | None, points: int, seed: int = 0) -> list[list[float]]:
@@ -55,8 +55,8 @@ class MergeInputs:
 
 def load_inputs(plan: MergePlan) -> MergeInputs:
     """Read the shared tensors of every model (and Fishers, base) once, for many candidate merges."""
-    from lib.fisher_store import open_fisher_store
-    from lib.merge_exec import read_input_rows, ties_thresholds_streaming
+    from fishmerge.fisher.store import open_fisher_store
+    from fishmerge.merge.executor import read_input_rows, ties_thresholds_streaming
 
     def full(ref, who: str, key: str):
         return read_input_rows(ref, 0, ref.rows, who, key).reshape(ref.shape)
@@ -146,7 +146,7 @@ class Scorer:
         batch_size: int = 32,
         max_length: int = 128,
     ):
-        from lib.checkpoint import clamp_length, load_model
+        from fishmerge.io.checkpoint import clamp_length, load_model
 
         self.plan = plan
         self.models, self.tokenizers, self.tasks = {}, {}, {}

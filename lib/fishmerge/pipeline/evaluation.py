@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lib.checkpoint import resolve_device
-from lib.data import _label_values, check_columns, load_split
-from lib.errors import FishmergeError
+from fishmerge.errors import FishmergeError
+from fishmerge.io.checkpoint import resolve_device
+from fishmerge.io.data import _label_values, check_columns, load_split
 
 
 def load_eval_rows(
@@ -24,7 +24,7 @@ def load_eval_rows(
 ) -> list[dict]:
     """The first `limit` rows (all when None) of a split as dicts holding only the text and label fields.
 
-    Same loaders as Fisher estimation (`lib.data.load_split`): a save_to_disk folder or a
+    Same loaders as Fisher estimation (`fishmerge.io.data.load_split`): a save_to_disk folder or a
     .csv/.json/.jsonl/.parquet file. The first rows, not a sample, so every evaluation of a split is
     over the same examples.
     """

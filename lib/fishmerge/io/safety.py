@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lib.errors import FishmergeError
+from fishmerge.errors import FishmergeError
 
 LOCK_NAME = ".fishmerge-lock"
 UNLOCKED_GRACE_S = 60.0  # a staging folder created this recently without its lock may be starting up

@@ -9,8 +9,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from lib import storage
-from lib.fisher_store import open_fisher_store
+from fishmerge.fisher.store import open_fisher_store
+from fishmerge.io import storage
 
 _LAYER = re.compile(r"^(.*?\.(?:layer|layers|h|block|blocks)\.\d+)\.")
 
