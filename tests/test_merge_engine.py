@@ -247,11 +247,11 @@ def reference(method: str, thetas, weights, target: int, keys, *, fishers=None, 
             s, density = opt.get("scale", 1.0), opt.get("density", 0.2)
             tau = T - b
             # Rank magnitudes of the fp32 task vectors (what an fp32 checkpoint's task vector is); keep
-            # every entry ≥ the k-th largest, k = ceil(density·n), found by a full sort.
+            # every entry ≥ the k-th largest, k = ⌊density·n⌋ (mergekit's rule, at least 1), by a full sort.
             mag = np.abs(T.astype(np.float32) - b.astype(np.float32))
             kept = np.zeros_like(tau)
             for i in range(len(T)):
-                k = math.ceil(density * mag[i].size)
+                k = max(1, math.floor(density * mag[i].size))
                 thr = np.sort(mag[i].ravel())[::-1][k - 1]
                 kept[i] = np.where(mag[i] >= thr, tau[i], 0.0)
             weighted = w[lw] * kept

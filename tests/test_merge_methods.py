@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fishmerge.errors import FishmergeError
-from fishmerge.merge.methods import MergeOptions, get_method
+from fishmerge.merge.methods import get_method
+from fishmerge.merge.methods.ties import kept_entries
 
 SHAPE = (37, 11)
 
@@ -54,7 +55,7 @@ def test_fisher(favor_target, normalize, rows) -> None:
     m = get_method("fisher")
     lam = m.check_weights([0.5, 0.3, 0.2])
     norms = [float(np.sqrt((f.astype(np.float64) ** 2).sum())) for f in fishers]
-    opt = MergeOptions(floor=1e-3, favor_target=favor_target, normalize=normalize, fisher_norms=norms)
+    params = m.Params(floor=1e-3, favor_target=favor_target, normalize=normalize)
     F = np.stack(fishers).astype(np.float64)
     floored = np.maximum(F, 1e-3)
     if favor_target:
@@ -62,7 +63,7 @@ def test_fisher(favor_target, normalize, rows) -> None:
     coef = np.array([0.5, 0.3, 0.2]) / (np.array(norms) if normalize else 1.0)
     wf = coef[:, None, None] * floored
     ref = (wf * np.stack(thetas)).sum(0) / wf.sum(0)
-    got = chunked(m, thetas, lam, rows, fishers=fishers, options=opt, target=0)
+    got = chunked(m, thetas, lam, rows, fishers=fishers, params=params, context={"fisher_norms": norms}, target=0)
     assert rel(got, ref) <= 1e-6
 
 
@@ -72,8 +73,8 @@ def test_fisher_with_equal_fishers_is_isotropic() -> None:
     iso = get_method("isotropic")
     fis = get_method("fisher")
     w = [0.6, 0.3, 0.1]
-    a = fis.merge(thetas, fis.check_weights(w), fishers=same, options=MergeOptions(floor=0.0))
-    b = iso.merge(thetas, iso.check_weights(w))
+    a = fis.merge(thetas, fis.check_weights(w), fishers=same, params=fis.Params(floor=0.0))
+    b = iso.merge(thetas, iso.check_weights(w), params=iso.Params())
     # Same quantity, different fp32 operation order: equal up to rounding of O(1) inputs.
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
@@ -87,7 +88,7 @@ def test_zero_fisher_everywhere_keeps_the_target_with_favor_target() -> None:
         m.check_weights([0.2, 0.5, 0.3]),
         fishers=zeros,
         target=1,
-        options=MergeOptions(floor=1e-6, favor_target=True),
+        params=m.Params(floor=1e-6, favor_target=True),
     )
     np.testing.assert_array_equal(out, thetas[1])
 
@@ -98,15 +99,15 @@ def test_task_arithmetic(rows) -> None:
     m = get_method("task_arithmetic")
     w = m.check_weights([0.7, 0.4, 0.2])
     ref = base + 0.8 * sum(c * (t.astype(np.float64) - base) for c, t in zip([0.7, 0.4, 0.2], thetas))
-    got = chunked(m, thetas, w, rows, base=base, options=MergeOptions(scale=0.8))
+    got = chunked(m, thetas, w, rows, base=base, params=m.Params(scale=0.8))
     assert rel(got, ref) <= 1e-6
 
 
 def _ties_reference(thetas, base, lam, density, scale):
     tvs = np.stack([t.astype(np.float64) - base for t in thetas])
     kept = np.zeros_like(tvs)
-    for i, tv in enumerate(tvs):  # keep the top ceil(density·n) magnitudes (by sorting)
-        k = int(np.ceil(density * tv.size))
+    for i, tv in enumerate(tvs):  # keep the top ⌊density·n⌋ magnitudes (by sorting), as mergekit 0.1.5 does
+        k = int(density * tv.size)
         order = np.argsort(-np.abs(tv).ravel(), kind="stable")[:k]
         flat = np.zeros(tv.size)
         flat[order] = tv.ravel()[order]
@@ -124,9 +125,11 @@ def test_ties(rows) -> None:
     thetas, _, base = inputs()
     m = get_method("ties")
     lam = [1.0, 0.5, 0.8]
-    # Thresholds by full sort (the k-th largest magnitude per model, k = ceil(density·n)), independently
-    # of the executor's streaming histogram (tests/test_merge_engine.py checks that one end to end).
-    k = int(np.ceil(0.3 * base.size))
+    # Thresholds by full sort (the k-th largest magnitude per model, k = ⌊density·n⌋ = 122 of 407 here,
+    # where ⌈density·n⌉ would keep 123), independently of the executor's streaming histogram
+    # (tests/test_merge_engine.py checks that one end to end).
+    k = int(0.3 * base.size)
+    assert k == kept_entries(0.3, base.size) == 122
     thr = [float(np.sort(np.abs((t.astype(np.float32) - base).ravel()))[::-1][k - 1]) for t in thetas]
     got = chunked(
         m,
@@ -134,8 +137,9 @@ def test_ties(rows) -> None:
         m.check_weights(lam),
         rows,
         base=base,
-        options=MergeOptions(scale=1.2),
-        context={"ties_thresholds": thr},
+        params=m.Params(scale=1.2, density=0.3),
+        context={"ties_thresholds": {"w": thr}},
+        key="w",
     )
     assert rel(got, _ties_reference(thetas, base, lam, 0.3, 1.2)) <= 1e-6
 
@@ -151,35 +155,6 @@ def test_unknown_method_lists_the_valid_ones() -> None:
         get_method("slerp")
 
 
-@pytest.mark.parametrize("name", ["isotropic", "fisher", "task_arithmetic", "ties"])
-def test_options_used_names_every_option_the_formula_reads(name) -> None:
-    """Cache keys hold only `options_used`: any other option must leave the output unchanged, and
-    each listed one must be able to change it (else the key is wider than needed)."""
-    from dataclasses import fields, replace
-
-    method = get_method(name)
-    thetas, fishers, base = inputs(2, seed=5)
-    weights = method.check_weights([0.3, 0.7])
-    changed = {"floor": 0.5, "favor_target": False, "normalize": True, "scale": 0.4, "density": 0.6}
-    defaults = MergeOptions(fisher_norms=[2.0, 0.5])
-
-    def run(opt: MergeOptions) -> np.ndarray:
-        kw: dict = {"options": opt, "target": 0}
-        if method.needs_fisher:
-            kw["fishers"] = fishers
-        if method.needs_base:
-            kw["base"] = base
-        if name == "ties":
-            k = int(np.ceil(opt.density * base.size))  # thresholds follow `density` (as in the executor)
-            kw["context"] = {"ties_thresholds": [float(np.sort(np.abs(t - base).ravel())[::-1][k - 1]) for t in thetas]}
-        return method.merge(thetas, weights, **kw)
-
-    reference = run(defaults)
-    for f in fields(MergeOptions):
-        if f.name not in changed:
-            continue
-        out = run(replace(defaults, **{f.name: changed[f.name]}))
-        if f.name in method.options_used:
-            assert not np.array_equal(out, reference), f"{name}: option {f.name} is listed but changes nothing"
-        else:
-            assert np.array_equal(out, reference), f"{name}: option {f.name} changes the output but is not listed"
+def test_ties_keeps_floor_of_density_times_n_like_mergekit() -> None:
+    """mergekit 0.1.5 keeps int(density·n) entries (`sparsify.magnitude`); fishmerge the same, at least one."""
+    assert [kept_entries(d, n) for d, n in [(0.3, 407), (0.2, 10), (0.25, 7), (0.01, 10), (1.0, 9)]] == [122, 2, 1, 1, 9]

@@ -105,7 +105,7 @@ def diagnostics(config: Path, run: dict) -> dict:
     both = (f[0] > 0) & (f[1] > 0)
     corr = float(np.corrcoef(np.log10(f[0][both]), np.log10(f[1][both]))[0, 1])
     body = [k for k in keys if "embeddings" not in k]
-    below = [round(float((flat(d, body) < plan.options.floor).mean()), 3) for d in inputs.fishers]
+    below = [round(float((flat(d, body) < plan.params.floor).mean()), 3) for d in inputs.fishers]
     t0, t1 = (flat(d) for d in inputs.thetas)
     fm = flat(merge_in_memory(plan, inputs, uniform, 0))
     iso = flat(merge_in_memory(isotropic_plan(plan), inputs, uniform, 0))

@@ -13,28 +13,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from fishmerge.errors import FishmergeError
-from fishmerge.merge.methods import METHODS
+from fishmerge.fisher.options import FisherOptions
+from fishmerge.merge.methods import METHODS, get_method, params_in_section
+from fishmerge.schema import Strict, at_least
 from fishmerge.sizes import parse_size
-
-
-class _Strict(BaseModel):
-    # Unknown keys are errors; NaN and ±Inf never pass as numbers (they would reach tensors).
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-def _at_least(low: float, *names: str):
-    """A field validator: each named number (None allowed) must be ≥ low."""
-
-    def check(cls, v):
-        if v is not None and v < low:
-            raise ValueError(f"must be ≥ {low:g}, got {v}")
-        return v
-
-    return field_validator(*names)(classmethod(check))
-
 
 MLFLOW_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
 
@@ -52,7 +37,7 @@ def check_tracking_uri(uri: str) -> str:
     return uri
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     path: str
     text_fields: list[str] = Field(default_factory=lambda: ["text"])
     label_field: str | None = "label"
@@ -60,7 +45,7 @@ class DataConfig(_Strict):
     eval_split: str = "validation"
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     name: str
     path: str
     weight: float = 1.0
@@ -75,24 +60,22 @@ class ModelConfig(_Strict):
         return v
 
 
-class FisherConfig(_Strict):
-    estimator: Literal["exact", "sampled", "empirical"] = "exact"
-    examples: int = 1024
-    floor: float = 1e-6  # ≥ 0: F̃ = max(F, floor)
-    favor_target: bool = True
-    normalize: bool = False  # measured better on real MiniLM merges (brief); λ search covers both
-    seed: int = 0
-    max_length: int = 128
-    batch_size: int = 16
+class _FisherSection(FisherOptions):
+    """The config's `fisher:` block: the Fisher options (one definition, `fishmerge.fisher.options`),
+    the shards and store root of the pipeline's estimation, and the parameters of methods whose
+    `config_section` is `fisher` (floor, favor_target, normalize)."""
+
     shards: int = 1
     store_root: str | None = None  # default: ./.fishmerge/fishers of the working directory
 
-    _floor = _at_least(0, "floor")
-    _counts = _at_least(1, "examples", "batch_size", "shards")
-    _length = _at_least(2, "max_length")
+    _shards = at_least(1, "shards")
 
 
-class SearchConfig(_Strict):
+# The `fisher:` block also holds the parameters of the methods whose config_section is "fisher".
+FisherSection = create_model("FisherSection", __base__=_FisherSection, **params_in_section("fisher"))
+
+
+class SearchConfig(Strict):
     """λ search on validation data: a grid for 2 models, Dirichlet samples for more."""
 
     strategy: Literal["grid", "dirichlet"] | None = None  # default: grid for 2 models, dirichlet for K > 2
@@ -110,10 +93,10 @@ class SearchConfig(_Strict):
             raise ValueError(f"points must be ≥ 2, got {v}")
         return v
 
-    _counts = _at_least(1, "limit", "workers")
+    _counts = at_least(1, "limit", "workers")
 
 
-class EvaluateConfig(_Strict):
+class EvaluateConfig(Strict):
     """Evaluation of the merged models and the baselines on each task's evaluation split."""
 
     split: str | None = None  # default: each model's data.eval_split
@@ -125,22 +108,22 @@ class EvaluateConfig(_Strict):
     batch_size: int = 32
     max_length: int = 128
 
-    _counts = _at_least(1, "limit", "batch_size")
-    _length = _at_least(2, "max_length")
+    _counts = at_least(1, "limit", "batch_size")
+    _length = at_least(2, "max_length")
 
 
-class PromoteConfig(_Strict):
+class PromoteConfig(Strict):
     metric: str  # e.g. rte/accuracy
     min_delta: float = 0.0
     guard: dict[str, float] = Field(default_factory=dict)  # metric -> allowed change (e.g. -0.01)
 
 
-class RegisterConfig(_Strict):
+class RegisterConfig(Strict):
     name: str  # one registered model per target: <name>, or <name>-<target> for several targets
     promote: PromoteConfig | None = None
 
 
-class MlflowConfig(_Strict):
+class MlflowConfig(Strict):
     tracking_uri: str | None = None  # env MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db
     experiment: str | None = None  # default: the config's name
 
@@ -155,7 +138,7 @@ class MlflowConfig(_Strict):
         return v
 
 
-class ExecutionConfig(_Strict):
+class ExecutionConfig(Strict):
     dask_address: str | None = None
     device: str = "auto"
 
@@ -163,32 +146,23 @@ class ExecutionConfig(_Strict):
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)  # BaseModel.register is ABC's
 
 
-class MergeConfig(_Strict):
+class _MergeConfig(Strict):
     name: str
     method: str = "fisher"
     base: str | None = None
     models: list[ModelConfig]
-    fisher: FisherConfig = Field(default_factory=FisherConfig)
+    fisher: FisherSection = Field(default_factory=FisherSection)
     targets: list[str] | None = None
     output: str
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     memory_limit: int = 2 * 10**9
     shard_size: int = 2 * 10**9
-    scale: float = 1.0  # task_arithmetic / ties: base + scale · merged task vector
-    density: float = 0.2  # ties: fraction of each task vector kept
     # The pipeline (`fishmerge run`): all optional; `fishmerge merge` ignores them.
     search: SearchConfig | None = None
     evaluate: EvaluateConfig | None = None
     register: RegisterConfig | None = None
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
-
-    @field_validator("density")
-    @classmethod
-    def _fraction(cls, v: float) -> float:
-        if not 0 < v <= 1:
-            raise ValueError(f"density must be in (0, 1], got {v}")
-        return v
 
     @field_validator("memory_limit", "shard_size", mode="before")
     @classmethod
@@ -229,7 +203,7 @@ class MergeConfig(_Strict):
         if METHODS[self.method].needs_fisher:
             lacking = [m.name for m in self.models if not m.fisher and not m.data]
             if lacking:
-                raise ValueError(f"method 'fisher' needs `fisher:` (a store) or `data:` for model(s) {lacking}")
+                raise ValueError(f"method '{self.method}' needs `fisher:` (a store) or `data:` for model(s) {lacking}")
         unknown = [t for t in self.targets or [] if t not in names]
         if unknown:
             raise ValueError(f"targets {unknown} are not model names ({', '.join(names)})")
@@ -238,6 +212,16 @@ class MergeConfig(_Strict):
     @property
     def target_names(self) -> list[str]:
         return self.targets or [m.name for m in self.models]
+
+    def method_params(self, method: str | None = None):
+        """The validated parameters of `method` (default: the config's), read from where it declares them."""
+        m = get_method(method or self.method)
+        section = getattr(self, m.config_section) if m.config_section else self
+        return m.Params.model_validate({k: getattr(section, k) for k in m.Params.model_fields})
+
+
+# Top-level keys also hold the parameters of the methods whose config_section is None (scale, density).
+MergeConfig = create_model("MergeConfig", __base__=_MergeConfig, **params_in_section(None))
 
 
 def _fields_at(loc: tuple) -> list[str]:
@@ -336,10 +320,7 @@ def fisher_specs(cfg: MergeConfig) -> dict[str, dict]:
             "split": m.data.fisher_split,
             "text_fields": list(m.data.text_fields),
             "label_field": m.data.label_field,
-            "estimator": cfg.fisher.estimator,
-            "examples": cfg.fisher.examples,
-            "seed": cfg.fisher.seed,
-            "batch_size": cfg.fisher.batch_size,
-            "max_length": cfg.fisher.max_length,
+            **{k: getattr(cfg.fisher, k) for k in FisherOptions.model_fields},
+            "device": cfg.execution.device,
         }
     return out

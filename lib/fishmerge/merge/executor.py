@@ -24,7 +24,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fishmerge.errors import FishmergeError
-from fishmerge.fisher.store import FisherReader
 from fishmerge.io import safety
 from fishmerge.io.safetensors import (
     FLOAT_DTYPES,
@@ -37,7 +36,16 @@ from fishmerge.io.safetensors import (
     read_rows,
     write_rows,
 )
-from fishmerge.merge.output import write_metadata
+from fishmerge.merge.inputs import (
+    base_rows,
+    check_finite,
+    check_input_finite,
+    fisher_rows,
+    merge_blocks,
+    model_rows,
+    row_blocks,
+)
+from fishmerge.merge.output import recorded_context, write_metadata
 from fishmerge.merge.plan import MergePlan, identical_output_exists, is_fishmerge_output, replaceable_output
 
 JOURNAL = "journal.tsv"
@@ -132,43 +140,6 @@ def _covered(ranges: list[tuple[int, int]], r0: int, r1: int) -> bool:
 # ---------------------------------------------------------------- blocks
 
 
-def row_blocks(rows: int, row_elems: int, block_elems: int, align: int = 1) -> list[tuple[int, int]]:
-    """Row ranges of at most block_elems elements, aligned to `align` rows (Fisher chunk rows) when possible."""
-    per = max(1, block_elems // max(row_elems, 1))
-    if align > 1:
-        per = (per // align) * align if per >= align else max(1, align // -(-align // per))
-    return [(r, min(rows, r + per)) for r in range(0, rows, per)]
-
-
-_fisher_readers: dict[str, FisherReader] = {}
-_fisher_lock = threading.Lock()
-
-
-def _fisher_reader(uri: str) -> FisherReader:
-    """Fisher stores opened once per process (Dask workers included)."""
-    with _fisher_lock:
-        if uri not in _fisher_readers:
-            _fisher_readers[uri] = FisherReader(uri)
-        return _fisher_readers[uri]
-
-
-def _fisher_rows(plan: MergePlan, m_index: int, key: str, r0: int, r1: int) -> np.ndarray:
-    m = plan.models[m_index]
-    values = _fisher_reader(m.fisher).rows(key, r0, r1)
-    if not np.isfinite(values).all():
-        raise FishmergeError(
-            f"the Fisher store '{m.fisher}' of model '{m.name}' holds NaN/Inf in '{key}': recompute the Fisher "
-            "(NaN Fishers usually mean NaN logits: check the model and data). Nothing was written at the output."
-        )
-    return values.reshape((r1 - r0, *m.refs[key].shape[1:]) if m.refs[key].shape else ())
-
-
-def check_finite(values: np.ndarray, problem: str, fix: str) -> None:
-    """Every number that reaches an output tensor is finite: stop the merge (nothing at the output) otherwise."""
-    if not np.isfinite(values).all():
-        raise FishmergeError(f"{problem}: {fix}. Nothing was written at the output.")
-
-
 def encode_finite(values: np.ndarray, dtype: str, key: str) -> bytes:
     """Encode finite float32 values as the output dtype; values that overflow it (float16 above
     65504, bfloat16 near the float32 limit) would be written as Inf, so they stop the merge."""
@@ -182,34 +153,20 @@ def encode_finite(values: np.ndarray, dtype: str, key: str) -> bytes:
     return data
 
 
-def check_input_finite(values: np.ndarray, who: str, key: str) -> np.ndarray:
-    """Input tensor values as read, refused (naming the model and tensor) when any is NaN/Inf."""
-    check_finite(values, f"{who} has NaN/Inf in '{key}'", "fix or re-save that checkpoint")
-    return values
-
-
-def read_input_rows(ref, r0: int, r1: int, who: str, key: str) -> np.ndarray:
-    """Rows [r0, r1) of an input tensor as float32 (0-d tensors as a scalar array), checked finite."""
-    values = check_input_finite(read_rows(ref, r0, r1), who, key)
-    return values if ref.shape else values.reshape(())
-
-
 def merge_block(plan: MergePlan, context: dict, staging: str, key: str, r0: int, r1: int) -> int:
     """Merge rows [r0, r1) of `key` for every target and write them in place; returns bytes written."""
     layout = context["layout"]
-    thetas = [read_input_rows(m.refs[key], r0, r1, f"input model '{m.name}'", key) for m in plan.models]
     method = plan.merge_method
-    kwargs: dict = {"options": plan.options}
+    thetas = [model_rows(plan, i, key, r0, r1) for i in range(len(plan.models))]
+    kwargs: dict = {"params": plan.params, "context": context["prepasses"], "key": key}
     if method.needs_fisher:
-        kwargs["fishers"] = [_fisher_rows(plan, i, key, r0, r1) for i in range(len(plan.models))]
+        kwargs["fishers"] = [fisher_rows(plan, i, key, r0, r1) for i in range(len(plan.models))]
     if method.needs_base:
-        kwargs["base"] = read_input_rows(plan.base.refs[plan.base_keys[key]], r0, r1, "the base model", key)
-    if plan.method == "ties":
-        kwargs["context"] = {"ties_thresholds": context["ties_thresholds"][key]}
+        kwargs["base"] = base_rows(plan, key, r0, r1)
     written = 0
     shared_result = None
     for t in plan.targets:
-        if method.needs_fisher or shared_result is None:  # only the fisher formula depends on the target
+        if method.per_target or shared_result is None:
             merged = method.merge(thetas, np.asarray(plan.weights), target=t.index, **kwargs)
             check_finite(merged, f"merging '{key}' gave NaN/Inf", "check the weights, `scale` and the inputs")
             shared_result = merged
@@ -236,34 +193,6 @@ def copy_block(plan: MergePlan, context: dict, staging: str, target: str, key: s
     write_rows(os.path.join(staging, "out", rel), ot, r0, data)
     context["journal"].add(f"{target}::{key}", r0, r1)
     return len(data)
-
-
-# ---------------------------------------------------------------- pre-passes (normalize, ties)
-
-
-def _fisher_sq_sum(plan: MergePlan, m_index: int, key: str, r0: int, r1: int) -> float:
-    f = _fisher_rows(plan, m_index, key, r0, r1).astype(np.float64)
-    return float((f * f).sum())
-
-
-def _ties_hist(plan: MergePlan, m_index: int, key: str, r0: int, r1: int, bucket: int | None) -> np.ndarray:
-    """Histogram of |θᵢ − base| float32 bit patterns: high 16 bits, or low 16 bits within one high bucket."""
-    m = plan.models[m_index]
-    theta = read_input_rows(m.refs[key], r0, r1, f"input model '{m.name}'", key)
-    tv = theta - read_input_rows(plan.base.refs[plan.base_keys[key]], r0, r1, "the base model", key)
-    bits = np.abs(tv).ravel().view(np.uint32)
-    if bucket is None:
-        return np.bincount(bits >> 16, minlength=65536)
-    return np.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=65536)
-
-
-def _kth_largest_bucket(hist: np.ndarray, k: int) -> tuple[int, int]:
-    """(bucket holding the k-th largest value, how many values lie above that bucket)."""
-    from_top = np.cumsum(hist[::-1])
-    idx = int(np.searchsorted(from_top, k))
-    bucket = 65535 - idx
-    above = int(from_top[idx - 1]) if idx > 0 else 0
-    return bucket, above
 
 
 # ---------------------------------------------------------------- running
@@ -307,80 +236,24 @@ def run_tasks(tasks: list, address: str | None, threads: int, desc: str, progres
         bar.close()
 
 
-def precompute(plan: MergePlan, address: str | None, progress: bool) -> dict:
-    """Per-merge context computed from the whole inputs: global Fisher norms, TIES thresholds."""
-    import dask
+def run_prepasses(plan: MergePlan, address: str | None = None, progress: bool = False) -> dict:
+    """The method's pre-passes over the whole inputs (e.g. global Fisher norms, TIES thresholds), each
+    value under its name: the one step the executor and the λ search share."""
 
-    ctx: dict = {}
-    staging = Path(plan.staging)
-    cache = staging / "context.json"
+    def run(tasks: list, desc: str) -> list:
+        return run_tasks(tasks, address, plan.threads, desc, progress)
+
+    return {p.name: p.run(plan, run) for p in plan.merge_method.prepasses(plan.params)}
+
+
+def cached_prepasses(plan: MergePlan, address: str | None, progress: bool) -> dict:
+    """The pre-passes of this plan, computed once per staging folder (a resumed merge reuses them)."""
+    cache = Path(plan.staging) / "context.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    plan_d = dask.delayed(plan, pure=True, traverse=False)  # one graph node, not walked per task
-    fisher_ = plan.merge_method.needs_fisher
-    align = {k: _fisher_chunk_rows(plan, k) for k in plan.shared} if fisher_ else {}
-    if plan.method == "fisher" and plan.options.normalize:
-        tasks, owners = [], []
-        for i in range(len(plan.models)):
-            for key in plan.shared:
-                ref = plan.models[i].refs[key]
-                for r0, r1 in row_blocks(ref.rows, ref.row_elems, plan.block_elems, align.get(key, 1)):
-                    tasks.append(dask.delayed(_fisher_sq_sum)(plan_d, i, key, r0, r1))
-                    owners.append(i)
-        sums = run_tasks(tasks, address, plan.threads, "fisher norms", progress)
-        totals = np.zeros(len(plan.models))
-        for i, s in zip(owners, sums):
-            totals[i] += s
-        if (totals <= 0).any():
-            raise FishmergeError("normalize: a Fisher is zero on every merged tensor; set `normalize: false`")
-        ctx["fisher_norms"] = [float(np.sqrt(t)) for t in totals]
-    if plan.method == "ties":
-        ctx["ties_thresholds"] = ties_thresholds_streaming(plan, address, progress)
+    ctx = run_prepasses(plan, address, progress)
     cache.write_text(json.dumps(ctx))
     return ctx
-
-
-def ties_thresholds_streaming(plan: MergePlan, address: str | None, progress: bool) -> dict[str, list[float]]:
-    """Exact per-(tensor, model) k-th largest |θᵢ − base| (k = ceil(density·n)), in two streaming passes
-    of 65536-bin histograms over float32 bit patterns (monotone for non-negative floats)."""
-    import math
-
-    import dask
-
-    def blocks(key):
-        ref = plan.models[0].refs[key]
-        return row_blocks(ref.rows, ref.row_elems, plan.block_elems)
-
-    pairs = [(key, i) for key in plan.shared for i in range(len(plan.models))]
-    plan_d = dask.delayed(plan, pure=True, traverse=False)
-
-    def hist_pass(buckets):
-        tasks = []
-        for key, i in pairs:
-            b = None if buckets is None else buckets[(key, i)][0]
-            tasks.append([dask.delayed(_ties_hist)(plan_d, i, key, r0, r1, b) for r0, r1 in blocks(key)])
-        flat = [t for group in tasks for t in group]
-        results = iter(run_tasks(flat, address, plan.threads, "ties thresholds", progress))
-        return {p: sum(next(results) for _ in group) for p, group in zip(pairs, tasks)}
-
-    first = hist_pass(None)
-    buckets = {}
-    for (key, i), hist in first.items():
-        n = math.prod(plan.models[0].refs[key].shape) or 1
-        k = max(1, math.ceil(plan.options.density * n))
-        buckets[(key, i)] = (*_kth_largest_bucket(hist, k), k)
-    second = hist_pass(buckets)
-    out: dict[str, list[float]] = {key: [0.0] * len(plan.models) for key in plan.shared}
-    for (key, i), hist in second.items():
-        bucket, above, k = buckets[(key, i)]
-        low, _ = _kth_largest_bucket(hist, k - above)
-        out[key][i] = float(np.array([(bucket << 16) | low], dtype=np.uint32).view(np.float32)[0])
-    return out
-
-
-def _fisher_chunk_rows(plan: MergePlan, key: str) -> int:
-    arr = _fisher_reader(plan.models[0].fisher).group[key]
-    return int(arr.chunks[0]) if arr.ndim else 1
 
 
 def execute(
@@ -442,18 +315,15 @@ def _execute_held(plan: MergePlan, staging: Path, address: str | None, progress:
     journal = Journal(staging / JOURNAL)
     done = journal.done()
     try:
-        ctx = precompute(plan, address, progress)
+        ctx = cached_prepasses(plan, address, progress)
         pre_s = time.perf_counter() - started
-        plan.options.fisher_norms = ctx.get("fisher_norms")
         layout = output_layout(plan)
-        context = {**ctx, "layout": layout, "journal": journal}
+        context = {"prepasses": ctx, "layout": layout, "journal": journal}
         plan_d = dask.delayed(plan, pure=True, traverse=False)
         ctx_d = dask.delayed(context, pure=True, traverse=False)
         tasks, skipped = [], 0
         for key in plan.shared:
-            ref = plan.models[0].refs[key]
-            align = _fisher_chunk_rows(plan, key) if plan.merge_method.needs_fisher else 1
-            for r0, r1 in row_blocks(ref.rows, ref.row_elems, plan.block_elems, align):
+            for r0, r1 in merge_blocks(plan, key):
                 if _covered(done.get(key, []), r0, r1):
                     skipped += 1
                     continue
@@ -502,6 +372,6 @@ def _execute_held(plan: MergePlan, staging: Path, address: str | None, progress:
         "precompute_s": round(pre_s, 3),
         "merge_s": round(merge_s, 3),
         "wall_s": round(time.perf_counter() - started, 3),
-        "context": {k: v for k, v in ctx.items() if k == "fisher_norms"},
+        "context": recorded_context(plan, ctx),
         "reused": False,
     }

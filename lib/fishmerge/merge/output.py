@@ -21,9 +21,13 @@ SKIP = {"model.safetensors.index.json", "README.md", "fishmerge.json", ".fishmer
 _TORCH_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
-def lineage(plan: MergePlan, target: str) -> dict:
+def recorded_context(plan: MergePlan, context: dict) -> dict:
+    """The pre-pass values the method records in the lineage (e.g. global Fisher norms)."""
+    return {p.name: context[p.name] for p in plan.merge_method.prepasses(plan.params) if p.recorded}
+
+
+def lineage(plan: MergePlan, target: str, context: dict | None = None) -> dict:
     """The machine-readable record of how a target was made (written as fishmerge.json)."""
-    o = plan.options
     return {
         "fishmerge_version": __version__,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -32,12 +36,8 @@ def lineage(plan: MergePlan, target: str) -> dict:
         "target": target,
         "method": plan.method,
         "options": {
-            "floor": o.floor,
-            "favor_target": o.favor_target,
-            "normalize": o.normalize,
-            "fisher_norms": o.fisher_norms,
-            "scale": o.scale,
-            "density": o.density,
+            **plan.params.model_dump(mode="json"),
+            **recorded_context(plan, context or {}),
         },
         "inputs": [
             {
@@ -56,17 +56,11 @@ def lineage(plan: MergePlan, target: str) -> dict:
     }
 
 
-def model_card(record: dict) -> str:
+def model_card(record: dict, options_text: str) -> str:
     """A short README.md: what this model is and exactly how it was made."""
     rows = "\n".join(
         f"| {i['name']} | {i['weight']:.4g} | `{i['path']}` | `{i['model_fingerprint'][:23]}…` | {i['fisher_id'] or '—'} |"
         for i in record["inputs"]
-    )
-    o = record["options"]
-    opts = (
-        f"floor={o['floor']:g}, favor_target={o['favor_target']}, normalize={o['normalize']}"
-        if record["method"] == "fisher"
-        else f"scale={o['scale']:g}" + (f", density={o['density']:g}" if record["method"] == "ties" else "")
     )
     base = f"\nBase model: `{record['base']['path']}`.\n" if record["base"] else ""
     return f"""---
@@ -76,7 +70,7 @@ tags: [fishmerge, merge, {record["method"]}]
 # {record["name"]} — target `{record["target"]}`
 
 Merged by [fishmerge](https://pypi.org/project/fishmerge/) {record["fishmerge_version"]} with the
-**{record["method"]}** method ({opts}) on {record["created"]}. The {record["merged_tensors"]} tensors
+**{record["method"]}** method ({options_text}) on {record["created"]}. The {record["merged_tensors"]} tensors
 shared by every input were merged; the target's own {len(record["own_tensors"])} tensor(s) (its task
 head) were copied from `{record["target"]}`.
 {base}
@@ -113,8 +107,8 @@ def write_metadata(plan: MergePlan, out_root: Path, context: dict) -> None:
                 "weight_map": {k: f.name for f in t.files for k in f.keys},
             }
             (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        record = lineage(plan, t.name)
+        record = lineage(plan, t.name, context)
         (dst / "fishmerge.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-        (dst / "README.md").write_text(model_card(record))
+        (dst / "README.md").write_text(model_card(record, plan.merge_method.describe(plan.params, ", ")))
     marker = {"plan_id": plan.plan_id, "targets": [t.name for t in plan.targets], "fishmerge_version": __version__}
     (out_root / OUTPUT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")

@@ -24,7 +24,8 @@ from fishmerge.io import safety
 from fishmerge.io.checkpoint import cached_model_fingerprint, model_architecture, read_model_config
 from fishmerge.io.safetensors import DTYPE_NAMES, FLOAT_DTYPES, ITEMSIZE, TensorRef, tensor_index
 from fishmerge.merge.config import MergeConfig
-from fishmerge.merge.methods import MergeMethod, MergeOptions, get_method
+from fishmerge.merge.methods import MergeMethod, get_method
+from fishmerge.schema import Strict
 from fishmerge.sizes import parse_size
 
 DEFAULT_SHARD_SIZE = 2 * 10**9
@@ -78,7 +79,7 @@ class MergePlan:
 
     plan_id: str
     method: str
-    options: MergeOptions
+    params: Strict  # the method's validated parameters (exactly those its formula reads)
     weights: list[float]
     models: list[ModelInput]
     base: ModelInput | None
@@ -202,11 +203,10 @@ def _check_fisher(m: ModelInput, shared: list[str], problems: list[str]) -> None
         )
 
 
-def bytes_per_element(n_models: int, n_targets: int, method: str) -> int:
-    """Working memory per merged element in one block (inputs in fp32 and raw, Fishers, temporaries)."""
-    fisher = 8 if method == "fisher" else 0
-    base = 6 if method in ("task_arithmetic", "ties") else 0
-    return n_models * (4 + 2 + fisher) + base + 5 * 4 + n_targets * (4 + 2)
+def bytes_per_element(n_models: int, n_targets: int, method: MergeMethod) -> int:
+    """Working memory per merged element in one block (inputs in fp32 and raw, what the method reads
+    beside them, temporaries, the encoded outputs)."""
+    return n_models * (4 + 2 + method.bytes_per_model) + method.bytes_fixed + 5 * 4 + n_targets * (4 + 2)
 
 
 def build_plan(
@@ -316,16 +316,10 @@ def build_plan(
     for tp in targets:
         tp.files = _shard_files(list(models[tp.index].refs), tp.dtypes, models[tp.index].refs, size)
 
-    options = MergeOptions(
-        floor=cfg.fisher.floor,
-        favor_target=cfg.fisher.favor_target,
-        normalize=cfg.fisher.normalize,
-        scale=cfg.scale,
-        density=cfg.density,
-    )
+    params = cfg.method_params()
     weights = [float(w) for w in method.check_weights([m.weight for m in models])]
     n_threads = max(1, threads or os.cpu_count() or 1)
-    per_elem = bytes_per_element(len(models), len(targets), cfg.method)
+    per_elem = bytes_per_element(len(models), len(targets), method)
     budget = cfg.memory_limit - BASELINE_RSS
     block = min(MAX_BLOCK_ELEMS, int(budget * 0.6) // (n_threads * per_elem)) if budget > 0 else 0
     largest_row = max((models[0].refs[k].row_elems for k in shared), default=1)
@@ -349,13 +343,13 @@ def build_plan(
         BASELINE_RSS
         + n_threads * min(block, max((math.prod(models[0].refs[k].shape) for k in shared), default=1)) * per_elem
     )
-    passes = 1 + (cfg.fisher.normalize and method.needs_fisher) + 2 * (cfg.method == "ties")
+    passes = 1 + sum(p.passes for p in method.prepasses(params))
     est = (read * passes + written) / READ_BYTES_PER_S
 
     plan = MergePlan(
         plan_id="",
         method=cfg.method,
-        options=options,
+        params=params,
         weights=weights,
         models=models,
         base=base,
@@ -393,18 +387,17 @@ def input_paths(cfg: MergeConfig, plan: MergePlan) -> list[tuple[str, str | None
     return out
 
 
-def plan_from_config(
-    config: str,
+def plan_for(
+    cfg: MergeConfig,
     fishers: dict[str, str] | None = None,
     *,
     weights: dict[str, float] | list[float] | None = None,
     method: str | None = None,
     **options,
 ) -> MergePlan:
-    """Load a config and plan it, optionally with other λ (a search candidate) or another method."""
-    from fishmerge.merge.config import load_merge_config
-
-    cfg = load_merge_config(config)
+    """Plan a validated config, optionally with other λ (a search candidate) or another method (a
+    baseline); the config itself is left as it is."""
+    cfg = cfg.model_copy(deep=True)
     if method:
         cfg.method = method
     if isinstance(weights, dict):
@@ -416,18 +409,19 @@ def plan_from_config(
     return build_plan(cfg, fishers, **options)
 
 
+def plan_from_config(config: str, fishers: dict[str, str] | None = None, **options) -> MergePlan:
+    """Load and validate a config file, then plan it (`plan_for`)."""
+    from fishmerge.merge.config import load_merge_config
+
+    return plan_for(load_merge_config(config), fishers, **options)
+
+
 def plan_identity(plan: MergePlan, dtype: str) -> str:
     """Hash of what determines the output bytes (inputs by content, method, options, λ, layout)."""
     key = {
         "version": __version__,
         "method": plan.method,
-        "options": [
-            plan.options.floor,
-            plan.options.favor_target,
-            plan.options.normalize,
-            plan.options.scale,
-            plan.options.density,
-        ],
+        "params": plan.params.model_dump(mode="json"),
         "weights": plan.weights,
         "models": [[m.name, m.fingerprint, m.fisher_id] for m in plan.models],
         "base": plan.base.fingerprint if plan.base else None,
@@ -571,12 +565,7 @@ def format_plan(plan: MergePlan) -> str:
         lines.append(f"  {m.name:<16} λ={w:.4g}  {m.architecture}  {m.path}  ({m.fingerprint[:19]}…){fisher}")
     if plan.base:
         lines.append(f"  base             {plan.base.path}  ({plan.base.fingerprint[:19]}…)")
-    o = plan.options
-    lines.append(
-        f"options: floor={o.floor:g} favor_target={o.favor_target} normalize={o.normalize}"
-        if plan.method == "fisher"
-        else f"options: scale={o.scale:g}" + (f" density={o.density:g}" if plan.method == "ties" else "")
-    )
+    lines.append(f"options: {plan.merge_method.describe(plan.params)}")
     lines.append(f"merged tensors: {len(plan.shared)} ({_fmt(shared_bytes)} per model)")
     for t in plan.targets:
         own = ", ".join(t.own_keys[:4]) + (" …" if len(t.own_keys) > 4 else "")

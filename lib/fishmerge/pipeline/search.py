@@ -11,7 +11,6 @@ that fit; the final merge is out of core).
 from __future__ import annotations
 
 import copy
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -54,51 +53,48 @@ class MergeInputs:
 
 
 def load_inputs(plan: MergePlan) -> MergeInputs:
-    """Read the shared tensors of every model (and Fishers, base) once, for many candidate merges."""
-    from fishmerge.fisher.store import open_fisher_store
-    from fishmerge.merge.executor import read_input_rows, ties_thresholds_streaming
+    """Read the shared tensors of every model (and Fishers, base) once, for many candidate merges;
+    the method's pre-passes run by the executor's own step."""
+    from fishmerge.merge.executor import run_prepasses
+    from fishmerge.merge.inputs import base_rows, fisher_rows, model_rows
 
-    def full(ref, who: str, key: str):
-        return read_input_rows(ref, 0, ref.rows, who, key).reshape(ref.shape)
+    method = plan.merge_method
 
-    thetas = [{k: full(m.refs[k], f"input model '{m.name}'", k) for k in plan.shared} for m in plan.models]
+    def whole(read, key: str) -> np.ndarray:
+        return read(key, 0, plan.models[0].refs[key].rows).reshape(plan.models[0].refs[key].shape)
+
+    thetas = [
+        {k: whole(lambda key, a, b, i=i: model_rows(plan, i, key, a, b), k) for k in plan.shared}
+        for i in range(len(plan.models))
+    ]
     fishers = None
-    if plan.merge_method.needs_fisher:
-        fishers = []
-        for m in plan.models:
-            group = open_fisher_store(m.fisher)
-            f = {k: np.asarray(group[k][...], dtype=np.float32) for k in plan.shared}
-            bad = [k for k, v in f.items() if not np.isfinite(v).all()]
-            if bad:
-                raise FishmergeError(f"the Fisher store '{m.fisher}' of model '{m.name}' holds NaN/Inf in {bad[:3]}")
-            fishers.append(f)
-    base = {k: full(plan.base.refs[plan.base_keys[k]], "the base model", k) for k in plan.shared} if plan.base else None
-    context: dict = {}
-    if fishers is not None and plan.options.normalize:
-        context["fisher_norms"] = [
-            math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in f.values())) for f in fishers
+    if method.needs_fisher:
+        fishers = [
+            {k: whole(lambda key, a, b, i=i: fisher_rows(plan, i, key, a, b), k) for k in plan.shared}
+            for i in range(len(plan.models))
         ]
-    if plan.method == "ties":
-        context["ties_thresholds"] = ties_thresholds_streaming(plan, None, False)
-    return MergeInputs(thetas, fishers, base, context)
+    base = None
+    if method.needs_base:
+        base = {k: whole(lambda key, a, b: base_rows(plan, key, a, b), k) for k in plan.shared}
+    return MergeInputs(thetas, fishers, base, run_prepasses(plan))
 
 
 def merge_in_memory(plan: MergePlan, inputs: MergeInputs, weights: list[float], target: int) -> dict[str, np.ndarray]:
     """The merged shared tensors for one target and one λ (the executor's formula on whole tensors)."""
     method = plan.merge_method
     lam = method.check_weights(weights)
-    options = copy.copy(plan.options)
-    options.fisher_norms = inputs.context.get("fisher_norms")
     out = {}
     for key in plan.shared:
-        kwargs: dict = {"options": options, "target": target}
-        if inputs.fishers is not None:
-            kwargs["fishers"] = [f[key] for f in inputs.fishers]
-        if inputs.base is not None:
-            kwargs["base"] = inputs.base[key]
-        if plan.method == "ties":
-            kwargs["context"] = {"ties_thresholds": inputs.context["ties_thresholds"][key]}
-        out[key] = method.merge([t[key] for t in inputs.thetas], lam, **kwargs)
+        out[key] = method.merge(
+            [t[key] for t in inputs.thetas],
+            lam,
+            params=plan.params,
+            target=target,
+            fishers=[f[key] for f in inputs.fishers] if inputs.fishers is not None else None,
+            base=inputs.base[key] if inputs.base is not None else None,
+            context=inputs.context,
+            key=key,
+        )
     return out
 
 

@@ -57,15 +57,13 @@ def log_pipeline_run(
     with mlflow.start_run(
         experiment_id=exp_id, run_name=f"{cfg.name}-{plan.plan_id}", tags={"fishmerge.plan_id": plan.plan_id}
     ) as run:
-        o = plan.options
+        method = plan.merge_method
+        fisher = {"estimator": cfg.fisher.estimator, "fisher_examples": cfg.fisher.examples}
         mlflow.log_params(
             {
                 "method": plan.method,
-                "floor": o.floor,
-                "favor_target": o.favor_target,
-                "normalize": o.normalize,
-                "estimator": cfg.fisher.estimator,
-                "fisher_examples": cfg.fisher.examples,
+                **method.tracked_params(plan.params),
+                **(fisher if method.needs_fisher else {}),
                 "targets": ",".join(t.name for t in plan.targets),
                 **{f"lambda/{n}": round(w, 6) for n, w in zip(names, plan.weights)},
             }
