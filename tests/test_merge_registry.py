@@ -153,3 +153,22 @@ def test_a_new_method_is_one_registered_class(zoo, tmp_path: Path, monkeypatch) 
         own = load_file(str(Path(plan.models[t.index].path) / "model.safetensors"))
         for key in plan.shared:
             np.testing.assert_array_equal(out[key], own[key] * np.float32(0.5))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_mlflow_params_are_the_methods_own(zoo, name, tmp_path: Path) -> None:
+    """The pipeline's MLflow run logs exactly the parameters the method declares (e.g. scale and
+    density for ties, never floor/favor_target/normalize), on a real SQLite MLflow."""
+    from fishmerge.registry.tracking import log_pipeline_run
+    from mlflow import MlflowClient
+
+    method = METHODS[name]
+    cfg = MergeConfig.model_validate(raw_config(zoo, name, str(tmp_path / "out"), **{}))
+    plan = build_plan(cfg)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = log_pipeline_run(cfg, "", plan, {}, {}, {}, uri)
+    params = MlflowClient(uri).get_run(run["run_id"]).data.params
+    method_keys = {k for k in params if k not in ("method", "targets") and not k.startswith("lambda/")}
+    fisher_keys = {"estimator", "fisher_examples"} if method.needs_fisher else set()
+    assert method_keys == set(method.Params.model_fields) | fisher_keys
+    assert params["method"] == name

@@ -221,7 +221,13 @@ class _MergeConfig(Strict):
 
 
 # Top-level keys also hold the parameters of the methods whose config_section is None (scale, density).
-MergeConfig = create_model("MergeConfig", __base__=_MergeConfig, **params_in_section(None))
+# (`register` is declared again here: on a subclass pydantic would take ABCMeta.register for its default.)
+MergeConfig = create_model(
+    "MergeConfig",
+    __base__=_MergeConfig,
+    register=(RegisterConfig | None, None),
+    **params_in_section(None),
+)
 
 
 def _fields_at(loc: tuple) -> list[str]:
