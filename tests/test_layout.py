@@ -67,3 +67,13 @@ def test_no_branch_on_a_method_name_outside_its_module() -> None:
     files = [p for d in (CORE, ROOT / "tasks", ROOT / "flows") for p in d.rglob("*.py")]
     found = [hit for p in files if methods_dir not in p.parents for hit in _name_branches(p)]
     assert found == [], f"branches on a merge method's name: {found}"
+
+
+def test_each_package_names_its_public_api() -> None:
+    import importlib
+
+    for pkg in ("fishmerge.fisher", "fishmerge.io", "fishmerge.merge", "fishmerge.pipeline", "fishmerge.registry"):
+        mod = importlib.import_module(pkg)
+        assert mod.__all__, pkg
+        for name in mod.__all__:
+            assert getattr(mod, name) is not None, f"{pkg}.{name}"

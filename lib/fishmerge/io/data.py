@@ -90,7 +90,8 @@ class Encoded:
             yield {k: v.to(device) for k, v in batch.items()}, self.example_ids[sl]
 
 
-def _label_values(raw: list, label2id: dict | None, regression: bool) -> torch.Tensor:
+def label_values(raw: list, label2id: dict | None, regression: bool) -> torch.Tensor:
+    """Labels as a tensor: floats for regression, else class ids (names mapped through label2id)."""
     if regression:
         return torch.tensor([float(v) for v in raw], dtype=torch.float32)
     if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw):
@@ -129,7 +130,7 @@ def encode(
     tokenizer.padding_side = "right"
     enc = tokenizer(*texts, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
     check_unknown_rate(tokenizer, enc["input_ids"], enc["attention_mask"])
-    labels = _label_values(rows[label_field], label2id, regression) if label_field else None
+    labels = label_values(rows[label_field], label2id, regression) if label_field else None
     return Encoded(
         input_ids=enc["input_ids"],
         attention_mask=enc["attention_mask"],

@@ -1,0 +1,19 @@
+"""The pipeline's core steps: λ search on validation data, evaluation metrics, the baselines
+(originals, isotropic, output ensemble) with a content-addressed result cache, the report."""
+
+from fishmerge.lazy import exports
+
+__all__, __getattr__, __dir__ = exports(
+    __name__,
+    {
+        "candidates": "search",
+        "search": "search",
+        "Scorer": "search",
+        "load_inputs": "search",
+        "merge_in_memory": "search",
+        "classification_metrics": "evaluation",
+        "perplexity": "evaluation",
+        "evaluate_merged": "baselines",
+        "evaluate_baselines": "baselines",
+    },
+)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from fishmerge.errors import FishmergeError
 from fishmerge.io.checkpoint import resolve_device
-from fishmerge.io.data import _label_values, check_columns, load_split
+from fishmerge.io.data import check_columns, label_values, load_split
 
 
 def load_eval_rows(
@@ -48,7 +48,7 @@ def load_eval_rows(
 def label_ids(rows: Sequence[dict], label_field: str, label2id: dict | None = None) -> np.ndarray:
     """Integer class ids of the rows' labels: ints as they are, names through the model's label2id."""
     raw = [r[label_field] for r in rows]
-    return _label_values(raw, label2id, regression=False).numpy()
+    return label_values(raw, label2id, regression=False).numpy()
 
 
 def _device(device: str | torch.device) -> torch.device:
