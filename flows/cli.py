@@ -5,18 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 
 from fishmerge.errors import FishmergeError
-
-
-def parse_size(text: str) -> int:
-    """argparse type for sizes such as 512MB or 2GiB (fishmerge.sizes.parse_size)."""
-    from fishmerge.sizes import parse_size as parse
-
-    try:
-        return parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _fields(text: str) -> list[str]:
@@ -31,34 +22,68 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, unless it has none (None, off) or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if any(action.default is none for none in (None, False, argparse.SUPPRESS)) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _option_type(model: type, name: str):
+    """argparse type for a field of a pydantic options model: the text validated by the field itself
+    (its validators included: sizes such as 256MB for --max-memory), errors as one line."""
+    from pydantic import ValidationError
+
+    def parse(text: str):
+        try:
+            return getattr(model.model_validate({name: text}), name)
+        except ValidationError as exc:
+            message = exc.errors()[0]["msg"]
+            if message.startswith("Value error, "):  # fishmerge's own checks say what they got
+                raise argparse.ArgumentTypeError(message.removeprefix("Value error, ")) from None
+            raise argparse.ArgumentTypeError(f"{message[:1].lower()}{message[1:]}, got {text!r}") from None
+
+    parse.__name__ = name.replace("_", "-")  # argparse names it in "invalid … value" messages
+    return parse
+
+
+def add_option_flags(parser: argparse.ArgumentParser, model: type) -> None:
+    """One flag per field of a pydantic options model: --field-name, its type, choices, default and help."""
+    for name, info in model.model_fields.items():
+        kwargs = {"default": info.default, "help": (info.description or "").replace("%", "%%")}
+        if typing.get_origin(info.annotation) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(info.annotation))
+        else:
+            kwargs["type"] = _option_type(model, name)
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fishmerge", description="Fisher-weighted model merging.")
+    from fishmerge import __version__
+    from fishmerge.fisher.estimators import ESTIMATORS, get_estimator
+    from fishmerge.fisher.options import FisherOptions
+
+    parser = _Parser(prog="fishmerge", description="Fisher-weighted model merging.", formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fishmerge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fisher", help="estimate the diagonal Fisher of a model on a dataset into a Zarr store")
+
+    def command(name: str, helptext: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=helptext, description=helptext, formatter_class=_HelpFormatter)
+
+    f = command("fisher", "estimate the diagonal Fisher of a model on a dataset into a Zarr store")
     f.add_argument("--model", required=True, help="local Hugging Face model directory (safetensors + tokenizer)")
     f.add_argument("--data", required=True, help="datasets.save_to_disk folder, or a .csv/.json/.jsonl/.parquet file")
-    f.add_argument("--split", default="train", help="split of a save_to_disk DatasetDict (default: train)")
-    f.add_argument("--text-fields", type=_fields, default=["text"], help="one or two text columns: a[,b]")
-    f.add_argument("--label-field", default="label", help="label column (needed by the empirical estimator)")
-    f.add_argument("--estimator", choices=["exact", "sampled", "empirical"], default="exact")
-    f.add_argument("--examples", type=int, default=1000, help="N examples chosen by --seed (all if N ≥ rows)")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--batch-size", type=int, default=16)
-    f.add_argument("--max-length", type=int, default=128, help="truncate/pad tokens to at most this length")
+    f.add_argument("--split", default="train", help="split of a save_to_disk DatasetDict")
+    f.add_argument("--text-fields", type=_fields, default="text", help="one or two text columns: a[,b]")
+    labelled = [n for n in ESTIMATORS if get_estimator(n).uses_labels]
+    f.add_argument(
+        "--label-field", default="label", help=f"label column (needed by the {'/'.join(labelled)} estimator)"
+    )
+    add_option_flags(f, FisherOptions)
     f.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    f.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    f.add_argument(
-        "--max-memory",
-        type=parse_size,
-        default="512MiB",
-        help="bound on per-example gradient tensors held at once (e.g. 256MB, 2GiB)",
-    )
-    f.add_argument(
-        "--fallback",
-        choices=["vmap", "error"],
-        default="vmap",
-        help="modules without a per-layer rule: vmap(grad) fallback, or reject them",
-    )
     f.add_argument("--store", help="explicit store location (default: <store-root>/<fisher id>.zarr)")
     f.add_argument(
         "--store-root",
@@ -75,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("plan", "check a merge config's inputs and print what the merge will do and cost"),
         ("merge", "merge the models of a config out of core (Prefect flow merge-models)"),
     ):
-        p = sub.add_parser(name, help=helptext)
+        p = command(name, helptext)
         p.add_argument("config", help="merge config (YAML)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
         p.add_argument("--shard-size", help="largest output safetensors file (default 2GB, or the config's shard_size)")
@@ -84,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dask-address", help="run merge blocks on this Dask scheduler (output on shared storage)")
             p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    r = sub.add_parser("run", help="the pipeline: Fishers, λ search, merge, evaluation, MLflow registration")
+    r = command("run", "the pipeline: Fishers, λ search, merge, evaluation, MLflow registration")
     r.add_argument("config", help="pipeline config (YAML): a merge config plus search/evaluate/register/mlflow")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     for name, helptext in (
         ("promote", "make a registered version the champion"),
         ("history", "list registered versions"),
     ):
-        p = sub.add_parser(name, help=helptext)
+        p = command(name, helptext)
         p.add_argument("name", help="registered model name")
         p.add_argument(
             "--tracking-uri", help="MLflow tracking URI (env MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db)"
@@ -99,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "promote":
             p.add_argument("--version", help="version to promote (default: the challenger)")
 
-    i = sub.add_parser("inspect", help="print a Fisher store's attributes and per-tensor statistics")
+    i = command("inspect", "print a Fisher store's attributes and per-tensor statistics")
     i.add_argument("store", help="a Fisher store (local path or s3:// URI)")
     return parser
 
@@ -108,6 +133,7 @@ def _cmd_fisher(args: argparse.Namespace) -> str:
     from dataclasses import asdict
 
     from fishmerge.fisher.job import DEFAULT_STORE_ROOT, FisherSpec, existing_store, resolve
+    from fishmerge.fisher.options import FisherOptions
     from fishmerge.io import storage
 
     if args.shards < 1 or args.workers < 1:
@@ -118,15 +144,8 @@ def _cmd_fisher(args: argparse.Namespace) -> str:
         split=args.split,
         text_fields=args.text_fields,
         label_field=args.label_field or None,
-        estimator=args.estimator,
-        examples=args.examples,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
         device=args.device,
-        dtype=args.dtype,
-        max_memory=args.max_memory,
-        fallback=args.fallback,
+        **{name: getattr(args, name) for name in FisherOptions.model_fields},
     )
     root = args.store_root or DEFAULT_STORE_ROOT
     storage.check_writable_root(storage.normalize(args.store).rsplit("/", 1)[0] if args.store else root)

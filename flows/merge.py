@@ -1,21 +1,25 @@
 """Flow `merge-models`: estimate missing Fishers (the estimate-fisher subflow, cached ones reused),
-plan, merge out of core with Dask, report. Threads in the task by default, or a Dask cluster."""
+plan once, merge out of core with Dask, report. Threads in the task by default, or a Dask cluster.
+
+Entered with a config file (`merge_models`: deployments, `fishmerge merge`), read and validated
+there once, or with a config already validated (`merge_validated`: the pipeline's subflow).
+"""
 
 from __future__ import annotations
 
 from fishmerge.errors import FishmergeError
 from fishmerge.fisher.job import DEFAULT_STORE_ROOT
 from fishmerge.flows.estimate_fisher import estimate_fisher
+from fishmerge.merge.config import MergeConfig, fisher_specs, load_merge_config
+from fishmerge.merge.plan import MergePlan, format_plan
+from fishmerge.tasks import fails_on_bad_input
 from fishmerge.tasks.merge import merge_execute, merge_fisher_existing, merge_plan, merge_report
 from prefect import flow, get_run_logger
-from prefect.states import Failed
 
 
-def fishers_for(config: str, shards: int | None = None) -> tuple[dict[str, str], str | None]:
-    """Fisher stores of the models that give `data:` instead of `fisher:` (reused, else estimated), and an error."""
-    from fishmerge.merge.config import fisher_specs, load_merge_config
-
-    cfg = load_merge_config(config)
+def fishers_for(cfg: MergeConfig, shards: int | None = None) -> dict[str, str]:
+    """Fisher stores of the models that give `data:` instead of `fisher:` (reused, else estimated);
+    a Fisher that cannot be estimated raises FishmergeError naming its model."""
     root = cfg.fisher.store_root or DEFAULT_STORE_ROOT
     out: dict[str, str] = {}
     for name, spec in fisher_specs(cfg).items():
@@ -25,12 +29,23 @@ def fishers_for(config: str, shards: int | None = None) -> tuple[dict[str, str],
             continue
         state = estimate_fisher(spec=spec, store_root=root, shards=shards or cfg.fisher.shards, return_state=True)
         if not state.is_completed():
-            return out, f"Fisher of '{name}': {state.message}"
+            raise FishmergeError(f"Fisher of '{name}': {state.message}")
         out[name] = state.result()
-    return out, None
+    return out
+
+
+def merge_steps(cfg: MergeConfig, fishers: dict[str, str], options: dict) -> tuple[dict, MergePlan]:
+    """Plan (once), merge, report, in the calling flow: the summary and the plan."""
+    plan = merge_plan(cfg, fishers, options)
+    text = format_plan(plan)
+    get_run_logger().info("plan %s\n%s", plan.plan_id, text)
+    summary = merge_execute(plan, options)
+    merge_report(text, summary, fishers)
+    return {**summary, "fishers": fishers}, plan
 
 
 @flow(name="merge-models")
+@fails_on_bad_input
 def merge_models(
     config: str,
     overwrite: bool = False,
@@ -39,12 +54,10 @@ def merge_models(
     threads: int | None = None,
     weights: dict[str, float] | None = None,
     progress: bool = False,
-) -> dict | Failed:
-    """Merge the models of a merge config; returns the output folders and timings."""
-    log = get_run_logger()
-    fishers, error = fishers_for(config)
-    if error:
-        return Failed(message=error)
+) -> dict:
+    """Merge the models of a merge config (a YAML path); returns the output folders and timings (bad
+    input: a Failed state with its message)."""
+    cfg = load_merge_config(config)
     options = {
         "overwrite": overwrite,
         "shard_size": shard_size,
@@ -53,15 +66,25 @@ def merge_models(
         "weights": weights,
         "progress": progress,
     }
-    planned = merge_plan(config, fishers, options)
-    if "error" in planned:
-        return Failed(message=planned["error"])
-    log.info("plan %s\n%s", planned["plan_id"], planned["plan"])
-    summary = merge_execute(config, fishers, options)
-    if "error" in summary:
-        return Failed(message=summary["error"])
-    merge_report(planned["plan"], summary, fishers)
-    return {**summary, "fishers": fishers}
+    summary, _ = merge_steps(cfg, fishers_for(cfg), options)
+    return summary
+
+
+@flow(name="merge-models")
+@fails_on_bad_input
+def merge_validated(
+    cfg: MergeConfig,
+    fishers: dict[str, str],
+    weights: dict[str, float] | None = None,
+    overwrite: bool = False,
+    dask_address: str | None = None,
+    progress: bool = False,
+) -> dict:
+    """The same flow for a config validated before and its Fishers (the pipeline's merge step); the
+    summary holds the plan under 'plan' (the evaluation and the MLflow run use the merge's own plan)."""
+    options = {"overwrite": overwrite, "dask_address": dask_address, "weights": weights, "progress": progress}
+    summary, plan = merge_steps(cfg, fishers, options)
+    return {**summary, "plan": plan}
 
 
 def run_merge(config: str, **options) -> dict:

@@ -1,10 +1,18 @@
 """Flow `fisher-merge-pipeline`: missing Fishers → λ search → out-of-core merge → evaluation against
-the baselines → MLflow run, registration and promotion → report. Flow `promote`: by hand."""
+the baselines → MLflow run, registration and promotion → report. Flow `promote`: by hand.
+
+The config is read and validated once (pipeline-prepare); the validated MergeConfig travels down
+the flow, and the merge's own plan (made once, in the merge-models subflow) goes to the evaluation
+and the MLflow run.
+"""
 
 from __future__ import annotations
 
 from fishmerge.errors import FishmergeError
-from fishmerge.flows.merge import fishers_for, merge_models
+from fishmerge.flows.merge import fishers_for, merge_validated
+from fishmerge.merge.methods import get_method
+from fishmerge.pipeline.baselines import BASELINE_METHOD, baseline_weights, needs_baseline_search
+from fishmerge.tasks import fails_on_bad_input
 from fishmerge.tasks.pipeline import (
     pipeline_evaluate,
     pipeline_prepare,
@@ -14,77 +22,56 @@ from fishmerge.tasks.pipeline import (
     registry_promote,
 )
 from prefect import flow, get_run_logger
-from prefect.states import Failed
 
 
 @flow(name="fisher-merge-pipeline")
-def fisher_merge_pipeline(config: str, progress: bool = False) -> dict | Failed:
+@fails_on_bad_input
+def fisher_merge_pipeline(config: str, progress: bool = False) -> dict:
     """Run the whole pipeline of a pipeline config (a merge config plus search/evaluate/register/mlflow)."""
-    from fishmerge.merge.config import load_merge_config
-
     log = get_run_logger()
     prep = pipeline_prepare(config)
-    if "error" in prep:
-        return Failed(message=prep["error"])
-    rc = prep["config"]
-    cfg = load_merge_config(rc)
+    cfg = prep["config"]
     names = [m.name for m in cfg.models]
-
-    fishers, error = fishers_for(rc)
-    if error:
-        return Failed(message=error)
+    fishers = fishers_for(cfg)
 
     searches: dict[str, dict] = {}
-    total = sum(m.weight for m in cfg.models)
-    weights = [m.weight / total for m in cfg.models]
-    iso_weights = weights if cfg.method != "isotropic" else None
+    # λ as the merge itself uses them (normalised only by methods that normalise), as `fishmerge merge` does
+    weights = [float(w) for w in get_method(cfg.method).check_weights([m.weight for m in cfg.models])]
+    iso_weights = baseline_weights(cfg)
     if cfg.search:
-        found = pipeline_search(rc, fishers)
-        if "error" in found:
-            return Failed(message=found["error"])
+        found = pipeline_search(cfg, fishers)
         searches[cfg.method] = found
         weights = found["candidates"][found["best"]]["weights"]
         log.info("λ search (%s): best %s = %.4f", cfg.method, weights, found["candidates"][found["best"]]["score"])
-        wants_iso = cfg.evaluate and "isotropic" in cfg.evaluate.baselines and cfg.method != "isotropic"
-        if wants_iso:
-            iso = pipeline_search(rc, fishers, "isotropic")
-            if "error" in iso:
-                return Failed(message=iso["error"])
-            searches["isotropic"] = iso
+        if needs_baseline_search(cfg):
+            iso = pipeline_search(cfg, fishers, BASELINE_METHOD)
+            searches[BASELINE_METHOD] = iso
             iso_weights = iso["candidates"][iso["best"]]["weights"]
 
-    merged = merge_models(
-        config=rc,
-        overwrite=True,
+    merged = merge_validated(
+        cfg=cfg,
+        fishers=fishers,
         weights=dict(zip(names, weights)),
+        overwrite=True,
         dask_address=cfg.execution.dask_address,
         progress=progress,
         return_state=True,
     )
     if not merged.is_completed():
-        return Failed(message=f"merge: {merged.message}")
+        raise FishmergeError(f"merge: {merged.message}")
     summary = merged.result()
-    merged_dirs = summary["targets"]
+    plan, merged_dirs = summary["plan"], summary["targets"]
 
     results: dict = {}
     if cfg.evaluate:
-        evaluated = pipeline_evaluate(rc, fishers, weights, iso_weights, merged_dirs)
-        if "error" in evaluated:
-            return Failed(message=evaluated["error"])
-        results = evaluated["results"]
+        results = pipeline_evaluate(cfg, plan, iso_weights, merged_dirs)["results"]
 
-    tracked = pipeline_track(
-        rc, prep["config_text"], fishers, weights, searches, results, merged_dirs, prep["tracking_uri"]
-    )
-    if "error" in tracked:
-        return Failed(message=tracked["error"])
-    report = pipeline_report(rc, fishers, weights, searches, results, tracked, merged_dirs)
-    if "error" in report:
-        return Failed(message=report["error"])
+    tracked = pipeline_track(cfg, prep["config_text"], plan, searches, results, merged_dirs, prep["tracking_uri"])
+    report = pipeline_report(cfg, fishers, plan.weights, searches, results, tracked, merged_dirs)
     return {
         "output": summary["output"],
         "targets": merged_dirs,
-        "weights": dict(zip(names, weights)),
+        "weights": dict(zip(names, plan.weights)),
         "isotropic_weights": dict(zip(names, iso_weights)) if iso_weights else None,
         "results": results,
         "run_id": tracked.get("run_id"),
@@ -95,14 +82,12 @@ def fisher_merge_pipeline(config: str, progress: bool = False) -> dict | Failed:
 
 
 @flow(name="promote")
-def promote(name: str, version: str | None = None, tracking_uri: str | None = None) -> dict | Failed:
+@fails_on_bad_input
+def promote(name: str, version: str | None = None, tracking_uri: str | None = None) -> dict:
     """Promote a registered version (default: the challenger) to champion by hand."""
     from fishmerge import registry
 
-    out = registry_promote(name, version, registry.tracking_uri(tracking_uri))
-    if "error" in out:
-        return Failed(message=out["error"])
-    return out
+    return registry_promote(name, version, registry.tracking_uri(tracking_uri))
 
 
 def run_pipeline(config: str, progress: bool = False) -> dict:

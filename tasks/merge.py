@@ -1,26 +1,16 @@
-"""Prefect tasks for merging: thin wrappers over fishmerge.merge.plan / fishmerge.merge.executor (JSON in, JSON out).
+"""Prefect tasks for merging: thin wrappers over fishmerge.merge.plan / fishmerge.merge.executor.
 
-Bad input (FishmergeError) comes back as {'error': message}: retrying cannot fix it, and the flow
-turns it into one readable failure.
+The validated config comes in, the plan is made once (merge-plan) and handed to merge-execute.
+Bad input raises FishmergeError, never retried (fishmerge.tasks.not_bad_input).
 """
 
 from __future__ import annotations
 
-from fishmerge.errors import FishmergeError
+from fishmerge.merge.config import MergeConfig
+from fishmerge.merge.plan import MergePlan
+from fishmerge.tasks import not_bad_input
 from prefect import task
-
-
-def _plan(config: str, fishers: dict[str, str], options: dict):
-    from fishmerge.merge.plan import plan_from_config
-
-    return plan_from_config(
-        config,
-        fishers,
-        weights=options.get("weights"),
-        shard_size=options.get("shard_size"),
-        threads=options.get("threads"),
-        overwrite=options.get("overwrite", False),
-    )
+from prefect.cache_policies import NO_CACHE
 
 
 @task(name="merge-fisher-existing")
@@ -31,33 +21,32 @@ def merge_fisher_existing(spec: dict, store_root: str) -> str | None:
     return existing_store(resolve(FisherSpec(**spec), None, store_root))
 
 
-@task(name="merge-plan")
-def merge_plan(config: str, fishers: dict[str, str], options: dict) -> dict:
-    """Check every input and describe the merge: {'plan': text, 'plan_id': …} or {'error': …}."""
-    from fishmerge.merge.plan import format_plan
+@task(name="merge-plan", cache_policy=NO_CACHE)
+def merge_plan(cfg: MergeConfig, fishers: dict[str, str], options: dict) -> MergePlan:
+    """Check every input and decide the merge (other λ: options['weights'])."""
+    from fishmerge.merge.plan import plan_for
 
-    try:
-        plan = _plan(config, fishers, options)
-    except FishmergeError as exc:
-        return {"error": str(exc)}
-    return {"plan": format_plan(plan), "plan_id": plan.plan_id, "output": plan.output}
+    return plan_for(
+        cfg,
+        fishers,
+        weights=options.get("weights"),
+        shard_size=options.get("shard_size"),
+        threads=options.get("threads"),
+        overwrite=options.get("overwrite", False),
+    )
 
 
-@task(name="merge-execute", retries=1, retry_delay_seconds=2)
-def merge_execute(config: str, fishers: dict[str, str], options: dict) -> dict:
-    """Run (or resume) the merge out of core; returns the execution summary."""
+@task(name="merge-execute", retries=1, retry_delay_seconds=2, retry_condition_fn=not_bad_input, cache_policy=NO_CACHE)
+def merge_execute(plan: MergePlan, options: dict) -> dict:
+    """Run (or resume) the planned merge out of core; returns the execution summary."""
     from fishmerge.merge.executor import execute
 
-    try:
-        plan = _plan(config, fishers, options)
-        summary = execute(
-            plan,
-            address=options.get("dask_address"),
-            progress=options.get("progress", False),
-            overwrite=options.get("overwrite", False),
-        )
-    except FishmergeError as exc:
-        return {"error": str(exc)}
+    summary = execute(
+        plan,
+        address=options.get("dask_address"),
+        progress=options.get("progress", False),
+        overwrite=options.get("overwrite", False),
+    )
     return {
         **summary,
         "plan_id": plan.plan_id,
@@ -69,36 +58,9 @@ def merge_execute(config: str, fishers: dict[str, str], options: dict) -> dict:
 @task(name="merge-report")
 def merge_report(plan_text: str, summary: dict, fishers: dict[str, str]) -> str:
     """Markdown artifact: the plan, timings and output paths."""
+    from fishmerge.pipeline.report import merge_report_markdown
     from prefect.artifacts import create_markdown_artifact
 
-    rows = "\n".join(f"| {t} | `{p}` |" for t, p in summary["targets"].items())
-    fisher_rows = "\n".join(f"| {n} | `{u}` |" for n, u in fishers.items()) or "| — | — |"
-    md = f"""# Merge {summary["plan_id"]} ({summary["method"]})
-
-## Outputs
-| target | folder |
-|---|---|
-{rows}
-
-## Timings
-| step | seconds |
-|---|---|
-| pre-passes (norms, thresholds) | {summary["precompute_s"]} |
-| merge | {summary["merge_s"]} |
-| total | {summary["wall_s"]} |
-
-Blocks run: {summary["blocks"]}; resumed from an interrupted run: {summary["blocks_resumed"]};
-bytes written: {summary["bytes_written"]:,}.
-
-## Fishers estimated or reused for this merge
-| model | store |
-|---|---|
-{fisher_rows}
-
-## Plan
-```
-{plan_text}
-```
-"""
+    md = merge_report_markdown(plan_text, summary, fishers)
     create_markdown_artifact(key=f"merge-{summary['plan_id']}", markdown=md, description="fishmerge merge")
     return md

@@ -15,9 +15,9 @@ from fishmerge.fisher.shards import plan_shards
 from fishmerge.fisher.store import open_fisher_store, read_fisher
 from fishmerge.flows.cli import main
 from fishmerge.flows.estimate_fisher import run_estimate_fisher
-from fishmerge.io import checkpoint, storage
+from fishmerge.io import storage
 
-from tests.test_fisher_sharded import fisher_args, rel_err, setup  # noqa: F401  (module fixture reused)
+from tests.test_fisher_sharded import count_loads, fisher_args, rel_err, setup  # noqa: F401  (module fixture reused)
 
 
 def test_flow_on_a_local_dask_cluster_with_two_worker_processes(setup, tmp_path) -> None:  # noqa: F811
@@ -60,7 +60,7 @@ def s3_endpoint(monkeypatch):
         server.stop()
 
 
-def test_flow_on_s3_write_resume_reduce_reuse(setup, s3_endpoint, capsys) -> None:  # noqa: F811
+def test_flow_on_s3_write_resume_reduce_reuse(setup, s3_endpoint, capsys, monkeypatch) -> None:  # noqa: F811
     spec = setup["spec"]
     r = resolve(spec, store_root=s3_endpoint)
     assert r.store.startswith(s3_endpoint + "/f")
@@ -72,7 +72,7 @@ def test_flow_on_s3_write_resume_reduce_reuse(setup, s3_endpoint, capsys) -> Non
     assert rel_err(read_fisher(uri), setup["single"]) <= 1e-6
     assert not storage.exists(r.partials)
     assert storage.exists(uri.removesuffix(".zarr") + ".layer-mass.png")
-    loads = checkpoint.LOAD_COUNT
+    loads = count_loads(monkeypatch)
     args = [
         "fisher",
         "--no-progress",
@@ -91,7 +91,7 @@ def test_flow_on_s3_write_resume_reduce_reuse(setup, s3_endpoint, capsys) -> Non
     ]
     assert main(args) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == uri
-    assert checkpoint.LOAD_COUNT == loads
+    assert loads == []
     assert main(["inspect", uri]) == 0
     assert "n_examples: 37" in capsys.readouterr().out
 
@@ -108,3 +108,69 @@ def test_s3_store_reads_like_a_local_one(setup, s3_endpoint) -> None:  # noqa: F
     g = zarr.open_group(store=storage.zarr_store(uri, read_only=True), mode="r")
     assert g.attrs["format"] == "fishmerge.fisher"
     np.testing.assert_allclose(g["classifier.weight"][...], setup["single"]["classifier.weight"], rtol=1e-5)
+
+
+def _finished_on_s3(setup, root: str):  # noqa: F811
+    """A store on S3 finished by one run, its partials kept for a second reduce of the same spec."""
+    from fishmerge.fisher.job import finish
+    from fishmerge.fisher.shards import complete_shards
+
+    r = resolve(setup["spec"], store_root=root)
+    plan = plan_shards(len(r.indices), 2)
+    summaries = [compute_shard(r, s) for s in plan]
+    assert finish(r, plan, summaries, 1.0, keep_partials=True) == r.store
+    markers = complete_shards(r.partials, r.fisher_id, plan)
+    attrs = {k: v for k, v in open_fisher_store(r.store).attrs.items() if k not in ("n_examples", "tensor_stats")}
+    fs, path = storage.filesystem(r.store)
+    return r, plan, markers, attrs, fs, path
+
+
+def _leftovers(fs, root: str) -> list[str]:
+    return [p for p in fs.find(storage.filesystem(root)[1]) if ".tmp-" in p]
+
+
+def test_a_failed_concurrent_reduce_never_deletes_a_finished_s3_store(setup, s3_endpoint) -> None:  # noqa: F811
+    from fishmerge.fisher.reduce import CorruptPartials, reduce_partials
+
+    r, plan, markers, attrs, fs, path = _finished_on_s3(setup, s3_endpoint)
+    before = read_fisher(r.store)
+    # A second run of the same spec passed its reuse check before the first finished; its reduce then fails.
+    chunk = sorted(p for p in fs.find(storage.filesystem(r.partials)[1]) if "shard-00001" in p and "/c/" in p)[0]
+    fs.pipe_file(chunk, fs.cat_file(chunk)[:5])
+    with pytest.raises(CorruptPartials):
+        reduce_partials(r.partials, plan, markers, r.store, attrs)
+    got = read_fisher(r.store)  # the first run's store is still there, whole
+    assert set(got) == set(before) and all(np.array_equal(got[k], before[k]) for k in before)
+    assert not _leftovers(fs, s3_endpoint), "staging objects left behind"
+
+
+def test_a_second_reduce_keeps_the_finished_s3_store_as_it_is(setup, s3_endpoint) -> None:  # noqa: F811
+    from fishmerge.fisher.reduce import reduce_partials
+
+    r, plan, markers, attrs, fs, path = _finished_on_s3(setup, s3_endpoint)
+    meta = fs.cat_file(f"{path}/zarr.json")
+    objects = sorted(fs.find(path))
+    assert reduce_partials(r.partials, plan, markers, r.store, {**attrs, "wall_time_s": 99.0}) == r.store
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{path}/zarr.json") == meta, "a finished store was rewritten"
+    assert sorted(fs.find(path)) == objects
+    assert not _leftovers(fs, s3_endpoint)
+
+
+def test_an_unfinished_s3_store_is_replaced_whole(setup, s3_endpoint) -> None:  # noqa: F811
+    """A store a killed run left half-copied (marked `writing`, a stray array) is replaced by the next run."""
+    spec = setup["spec"]
+    r = resolve(spec, store_root=s3_endpoint)
+    fs, path = storage.filesystem(r.store)
+    fs.pipe_file(
+        f"{path}/zarr.json",
+        b'{"zarr_format": 3, "node_type": "group", "attributes": '
+        b'{"format": "fishmerge.fisher", "format_state": "writing"}}',
+    )
+    fs.pipe_file(f"{path}/stray.weight/zarr.json", b"{}")
+    uri = run_estimate_fisher(asdict(spec), store_root=s3_endpoint, shards=2)
+    assert uri == r.store
+    fs.invalidate_cache()
+    assert not fs.exists(f"{path}/stray.weight/zarr.json")
+    assert rel_err(read_fisher(uri), setup["single"]) <= 1e-6
+    assert not _leftovers(fs, s3_endpoint)

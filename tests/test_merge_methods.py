@@ -157,4 +157,10 @@ def test_unknown_method_lists_the_valid_ones() -> None:
 
 def test_ties_keeps_floor_of_density_times_n_like_mergekit() -> None:
     """mergekit 0.1.5 keeps int(density·n) entries (`sparsify.magnitude`); fishmerge the same, at least one."""
-    assert [kept_entries(d, n) for d, n in [(0.3, 407), (0.2, 10), (0.25, 7), (0.01, 10), (1.0, 9)]] == [122, 2, 1, 1, 9]
+    assert [kept_entries(d, n) for d, n in [(0.3, 407), (0.2, 10), (0.25, 7), (0.01, 10), (1.0, 9)]] == [
+        122,
+        2,
+        1,
+        1,
+        9,
+    ]

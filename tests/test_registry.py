@@ -22,6 +22,7 @@ from fishmerge.registry import (
     tracking_uri,
     use_experiment,
 )
+from fishmerge.registry.registration import DOWNLOAD_MARKER, resolve_model_uri
 from mlflow import MlflowClient
 
 from tests.conftest import SPECIAL, WORDS, save_model_dir
@@ -191,6 +192,84 @@ def test_pyfunc_predicts_label_names_and_downloads_as_hf(store, cls_dir, tmp_pat
     assert download_model_dir(NAME, 1, tmp_path / "dl1").name == hf.name
     with pytest.raises(FishmergeError, match="cannot download"):
         download_model_dir(NAME, "champion", tmp_path / "dl2")
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(cls_dir, tmp_path_factory) -> Path:
+    """The same classifier saved as a sharded checkpoint (model-0000x-of-0000y.safetensors + index), in a
+    folder of the same name (as a pipeline's `<output>/<target>` is, version after version)."""
+    from transformers import AutoModelForSequenceClassification
+
+    d = tmp_path_factory.mktemp("reg-sharded") / cls_dir.name
+    shutil.copytree(cls_dir, d)
+    (d / "model.safetensors").unlink()
+    AutoModelForSequenceClassification.from_pretrained(cls_dir).save_pretrained(d, max_shard_size="40KB")
+    assert len(list(d.glob("model-*-of-*.safetensors"))) > 1 and (d / "model.safetensors.index.json").exists()
+    return d
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def same_weights(hf: Path, orig: Path) -> bool:
+    from transformers import AutoModelForSequenceClassification
+
+    got = AutoModelForSequenceClassification.from_pretrained(hf).state_dict()
+    want = AutoModelForSequenceClassification.from_pretrained(orig).state_dict()
+    return set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_downloading_another_version_into_the_same_folder_leaves_no_stale_file(
+    store, cls_dir, sharded_dir, tmp_path
+) -> None:
+    """A download into a folder that holds an earlier download replaces it whole: before, version 1's
+    shards and index stayed beside version 2's single file (and the old index was read)."""
+    register(sharded_dir, "lineage-sharded")  # version 1: shards + index
+    register(cls_dir, "lineage-single")  # version 2: one model.safetensors
+    dst = tmp_path / "dl"
+    hf = download_model_dir(NAME, 1, dst)
+    assert files(hf) == files(sharded_dir)
+    hf = download_model_dir(NAME, "challenger", dst)  # version 2, same folder
+    assert files(hf) == files(cls_dir) and same_weights(hf, cls_dir)
+    hf = download_model_dir(NAME, 1, dst)
+    assert files(hf) == files(sharded_dir) and same_weights(hf, sharded_dir)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".dl")) == []  # nothing left aside
+
+    mine = tmp_path / "mine"  # a folder fishmerge did not write is never replaced
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(FishmergeError, match="never replaced"):
+        download_model_dir(NAME, 1, mine)
+    assert files(mine) == ["notes.txt"]
+
+
+def test_a_moved_alias_resolves_to_exactly_the_new_versions_files(store, cls_dir, sharded_dir, tmp_path) -> None:
+    """models:/Name@alias: each version in its own folder, so a moved alias never reads a mix of two
+    versions' files (stale shards, an old index)."""
+    register(cls_dir, "lineage-single")  # version 1: one model.safetensors
+    register(sharded_dir, "lineage-sharded")  # version 2: shards + index
+    client = MlflowClient()
+    root = tmp_path / "registry"
+    uri = f"models:/{NAME}@champion"
+    client.set_registered_model_alias(NAME, "champion", "1")
+    first = Path(resolve_model_uri(uri, root))
+    assert files(first) == files(cls_dir) and same_weights(first, cls_dir)
+
+    client.set_registered_model_alias(NAME, "champion", "2")
+    second = Path(resolve_model_uri(uri, root))
+    assert second != first and files(second) == files(sharded_dir) and same_weights(second, sharded_dir)
+    assert files(first) == files(cls_dir)  # version 1's folder is untouched (another run may be reading it)
+
+    client.set_registered_model_alias(NAME, "champion", "1")
+    assert Path(resolve_model_uri(uri, root)) == first and files(first) == files(cls_dir)  # reused, no stale index
+    assert Path(resolve_model_uri(f"models:/{NAME}/2", root)) == second
+    for folder in (first, second):
+        marker = next(p for p in folder.parents if (p / DOWNLOAD_MARKER).exists())
+        assert marker.parent == root / NAME
+    assert not [p for p in (root / NAME).iterdir() if ".download-" in p.name]
+    with pytest.raises(FishmergeError, match="cannot download models:/fm-test@nope"):
+        resolve_model_uri(f"models:/{NAME}@nope", root)
 
 
 def test_logged_model_loads_without_fishmerge(store, cls_dir, monkeypatch) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from fishmerge.errors import FishmergeError
-from fishmerge.fisher.estimators import ESTIMATORS, detect_head, log_likelihood_terms
+from fishmerge.fisher.estimators import DEFAULT_ESTIMATOR, detect_head, get_estimator, log_likelihood_terms
 from fishmerge.fisher.rules import Call, LinearRule, Rule, VmapFallbackRule, _chunk_size, _slices, rule_for
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
@@ -69,7 +69,7 @@ class FisherAccumulator:
     def __init__(
         self,
         model: nn.Module,
-        estimator: str = "exact",
+        estimator: str = DEFAULT_ESTIMATOR,
         *,
         head: str | None = None,
         seed: int = 0,
@@ -78,8 +78,7 @@ class FisherAccumulator:
         max_exact_classes: int = 64,
         verify: bool = True,
     ):
-        if estimator not in ESTIMATORS:
-            raise FishmergeError(f"unknown estimator '{estimator}': choose one of {', '.join(ESTIMATORS)}")
+        get_estimator(estimator)  # an unknown name fails here, before any hook is installed
         if fallback not in ("vmap", "error"):
             raise FishmergeError(f"unknown fallback '{fallback}': choose 'vmap' or 'error'")
         self.model = model.eval()
@@ -280,7 +279,7 @@ def _fill_missing_grads(call: Call) -> None:
 def estimate_fisher(
     model: nn.Module,
     batches: Iterable[tuple[Mapping[str, torch.Tensor], Sequence[int]]],
-    estimator: str = "exact",
+    estimator: str = DEFAULT_ESTIMATOR,
     **options,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher over `batches` of (model inputs, example ids); options as FisherAccumulator."""

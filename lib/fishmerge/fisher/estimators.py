@@ -10,11 +10,16 @@ and example n's gradient of that term is the quantity to square:
 Regression heads (one output) use a unit-variance Gaussian likelihood.
 Draws come from a generator seeded by (seed, example id, position within the real tokens), so
 an example's draw does not depend on batching, padding side or sharding.
+
+The estimators are a registry: a subclass of `Estimator` decorated with `@register` is all a new
+one needs. Everything else (the `fishmerge fisher --estimator` choices, the config's `fisher:
+estimator`, whether the data must have labels) reads `ESTIMATORS` and `get_estimator`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,7 +27,6 @@ from torch import nn
 
 from fishmerge.errors import FishmergeError
 
-ESTIMATORS = ("exact", "sampled", "empirical")
 HEADS = ("sequence_classification", "causal_lm", "token_classification")
 IGNORE_INDEX = -100
 
@@ -85,6 +89,157 @@ def _real_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+@dataclass(frozen=True)
+class Draws:
+    """What an estimator may use besides the model's outputs: the batch, and the seed and dataset row
+    ids that its random draws depend on."""
+
+    batch: dict[str, torch.Tensor]
+    seed: int
+    example_ids: Sequence[int]
+    max_exact_classes: int = 64
+
+    def labels(self, estimator: str) -> torch.Tensor:
+        if "labels" not in self.batch:
+            raise FishmergeError(f"the '{estimator}' estimator needs true labels: give the data a label column")
+        return self.batch["labels"]
+
+    def uniforms(self, length: int) -> torch.Tensor:
+        return example_noise(self.seed, self.example_ids, length)
+
+
+class Estimator:
+    """How the label y of log p(y|x) is chosen, for each kind of head. Subclass, set the class
+    attributes, implement the four methods and decorate with `@register`."""
+
+    name: str
+    description: str  # one line, shown by `fishmerge fisher --help`
+    uses_labels: bool = False  # needs the data's label column (causal LMs predict their own tokens)
+
+    def classification(self, logp: torch.Tensor, d: Draws) -> list[torch.Tensor]:
+        """Terms for a classification head: logp (n, C) log-probabilities, C > 1."""
+        raise NotImplementedError
+
+    def regression(self, mu: torch.Tensor, d: Draws) -> list[torch.Tensor]:
+        """Terms for a one-output regression head (unit-variance Gaussian around mu (n,))."""
+        raise NotImplementedError
+
+    def next_tokens(self, logp: torch.Tensor, mask: torch.Tensor, d: Draws) -> torch.Tensor:
+        """A causal LM's target tokens (n, T-1) for logp (n, T-1, V) of positions 0…T-2."""
+        raise NotImplementedError
+
+    def token_labels(self, logp: torch.Tensor, mask: torch.Tensor, d: Draws) -> tuple[torch.Tensor, torch.Tensor]:
+        """A token-classification head's (labels (n, T), valid positions (n, T))."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Estimator] = {}
+
+
+def register(cls: type[Estimator]) -> type[Estimator]:
+    """Add an estimator to the registry (in definition order: the first is the default)."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"estimator '{cls.name}' is registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_estimator(name: str) -> Estimator:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise FishmergeError(f"unknown estimator '{name}': choose one of {', '.join(_REGISTRY)}") from None
+
+
+def _gaussian(mu: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    return [(-0.5 * (y - mu).square()).sum()]
+
+
+def _picked(logp: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    return [logp.gather(1, y.unsqueeze(1)).sum()]
+
+
+@register
+class Exact(Estimator):
+    name = "exact"
+    description = "expectation over the classes"
+
+    def classification(self, logp, d):
+        c = logp.shape[-1]
+        if c > d.max_exact_classes:
+            raise FishmergeError(
+                f"'exact' needs one backward pass per class and this head has {c} classes "
+                f"(limit {d.max_exact_classes}): use --estimator sampled."
+            )
+        sqrt_p = logp.detach().exp().sqrt()
+        return [(sqrt_p[:, k] * logp[:, k]).sum() for k in range(c)]
+
+    def regression(self, mu, d):  # E[(y − μ)²] = 1
+        return [mu.sum()]
+
+    def next_tokens(self, logp, mask, d):
+        raise FishmergeError(
+            f"'exact' over a vocabulary of {logp.shape[-1]} tokens is intractable for a causal LM: "
+            "use --estimator sampled (or empirical)."
+        )
+
+    def token_labels(self, logp, mask, d):
+        raise FishmergeError(
+            "'exact' for token classification needs per-token squares, not per-sequence ones: "
+            "use --estimator sampled (or empirical)."
+        )
+
+
+@register
+class Sampled(Estimator):
+    name = "sampled"
+    description = "one label drawn from the model"
+
+    def classification(self, logp, d):
+        return _picked(logp, sample_from_probs(logp.detach().exp(), d.uniforms(1)[:, 0]))
+
+    def regression(self, mu, d):
+        noise = example_noise(d.seed, d.example_ids, 1, "normal")[:, 0].to(mu)
+        return _gaussian(mu, mu.detach() + noise)
+
+    def next_tokens(self, logp, mask, d):
+        u = d.uniforms(mask.shape[1]).gather(1, _real_positions(mask).cpu())[:, :-1]
+        return sample_from_probs(logp.detach().exp(), u)
+
+    def token_labels(self, logp, mask, d):
+        labels = d.batch.get("labels")
+        valid = mask if labels is None else mask & (labels.to(mask.device) != IGNORE_INDEX)
+        u = d.uniforms(logp.shape[1]).gather(1, _real_positions(mask).cpu())
+        return sample_from_probs(logp.detach().exp(), u), valid
+
+
+@register
+class Empirical(Estimator):
+    name = "empirical"
+    description = "the data's label"
+    uses_labels = True
+
+    def classification(self, logp, d):
+        y = d.labels(self.name).reshape(logp.shape[0]).to(logp.device).long()
+        _check_labels(y, logp.shape[-1], d.example_ids)
+        return _picked(logp, y)
+
+    def regression(self, mu, d):
+        return _gaussian(mu, d.labels(self.name).reshape(mu.shape[0]).to(mu))
+
+    def next_tokens(self, logp, mask, d):
+        return d.batch["input_ids"][:, 1:]
+
+    def token_labels(self, logp, mask, d):
+        y = d.labels(self.name).to(logp.device).long()
+        _check_labels(y, logp.shape[-1], d.example_ids)
+        return y.clamp(min=0), (y != IGNORE_INDEX) & mask
+
+
+ESTIMATORS = tuple(_REGISTRY)  # names in registration order
+DEFAULT_ESTIMATOR = ESTIMATORS[0]
+
+
 def log_likelihood_terms(
     logits: torch.Tensor,
     batch: dict[str, torch.Tensor],
@@ -96,90 +251,40 @@ def log_likelihood_terms(
     max_exact_classes: int = 64,
 ) -> list[torch.Tensor]:
     """The scalar terms to backpropagate, one backward each (see module docstring)."""
-    if estimator not in ESTIMATORS:
-        raise FishmergeError(f"unknown estimator '{estimator}': choose one of {', '.join(ESTIMATORS)}")
+    est = get_estimator(estimator)
     _check_finite(logits, example_ids)
+    d = Draws(batch, seed, example_ids, max_exact_classes)
     if head == "sequence_classification":
-        return _sequence_terms(logits, batch, estimator, seed, example_ids, max_exact_classes)
+        n, c = logits.shape[0], logits.shape[-1]
+        if c == 1:  # regression: log N(y; μ, 1), ∇ = (y − μ)∇μ
+            return est.regression(logits.reshape(n).float(), d)
+        return est.classification(logits.float().log_softmax(-1), d)
     if head == "causal_lm":
-        return _causal_lm_terms(logits, batch, estimator, seed, example_ids)
+        return _causal_lm_terms(logits, est, d)
     if head == "token_classification":
-        return _token_terms(logits, batch, estimator, seed, example_ids)
+        return _token_terms(logits, est, d)
     raise FishmergeError(f"unknown head '{head}': choose one of {', '.join(HEADS)}")
 
 
-def _need_labels(batch: dict, estimator: str) -> torch.Tensor:
-    if "labels" not in batch:
-        raise FishmergeError(f"the '{estimator}' estimator needs true labels: give the data a label column")
-    return batch["labels"]
-
-
-def _sequence_terms(logits, batch, estimator, seed, example_ids, max_exact_classes):
-    n, c = logits.shape[0], logits.shape[-1]
-    if c == 1:  # regression: log N(y; μ, 1), ∇ = (y − μ)∇μ
-        mu = logits.reshape(n).float()
-        if estimator == "exact":  # E[(y − μ)²] = 1
-            return [mu.sum()]
-        if estimator == "sampled":
-            y = mu.detach() + example_noise(seed, example_ids, 1, "normal")[:, 0].to(mu)
-        else:
-            y = _need_labels(batch, estimator).reshape(n).to(mu)
-        return [(-0.5 * (y - mu).square()).sum()]
-    logp = logits.float().log_softmax(-1)
-    if estimator == "exact":
-        if c > max_exact_classes:
-            raise FishmergeError(
-                f"'exact' needs one backward pass per class and this head has {c} classes "
-                f"(limit {max_exact_classes}): use --estimator sampled."
-            )
-        sqrt_p = logp.detach().exp().sqrt()
-        return [(sqrt_p[:, k] * logp[:, k]).sum() for k in range(c)]
-    if estimator == "sampled":
-        y = sample_from_probs(logp.detach().exp(), example_noise(seed, example_ids, 1)[:, 0])
-    else:
-        y = _need_labels(batch, estimator).reshape(n).to(logp.device).long()
-        _check_labels(y, c, example_ids)
-    return [logp.gather(1, y.unsqueeze(1)).sum()]
-
-
-def _causal_lm_terms(logits, batch, estimator, seed, example_ids):
-    if estimator == "exact":
-        raise FishmergeError(
-            f"'exact' over a vocabulary of {logits.shape[-1]} tokens is intractable for a causal LM: "
-            "use --estimator sampled (or empirical)."
-        )
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
+def _causal_lm_terms(logits, est: Estimator, d: Draws):
+    ids = d.batch["input_ids"]
+    mask = d.batch.get("attention_mask", torch.ones_like(ids)).bool()
     valid = mask[:, :-1] & mask[:, 1:]  # predict a real token from a real token
     logp = logits[:, :-1].float().log_softmax(-1)
-    if estimator == "empirical":
-        y = ids[:, 1:]
-    else:
-        t = ids.shape[1]
-        u = example_noise(seed, example_ids, t).gather(1, _real_positions(mask).cpu())[:, :-1]
-        y = sample_from_probs(logp.detach().exp(), u)
+    y = est.next_tokens(logp, mask, d)
     picked = logp.gather(-1, y.unsqueeze(-1).to(logp.device)).squeeze(-1)
     return [(picked * valid).sum()]
 
 
-def _token_terms(logits, batch, estimator, seed, example_ids):
-    if estimator == "exact":
+def _token_terms(logits, est: Estimator, d: Draws):
+    mask = d.batch.get("attention_mask", torch.ones(logits.shape[:2], dtype=torch.long)).bool().to(logits.device)
+    labels = d.batch.get("labels")
+    if labels is not None and labels.shape != mask.shape:
         raise FishmergeError(
-            "'exact' for token classification needs per-token squares, not per-sequence ones: "
-            "use --estimator sampled (or empirical)."
+            "the label column holds one label per example, but a token-classification head needs one per token "
+            "(fishmerge reads one per example): use --estimator sampled without labels (--label-field '')"
         )
-    c = logits.shape[-1]
-    mask = batch.get("attention_mask", torch.ones(logits.shape[:2], dtype=torch.long)).bool().to(logits.device)
     logp = logits.float().log_softmax(-1)
-    if estimator == "empirical":
-        y = _need_labels(batch, estimator).to(logits.device).long()
-        _check_labels(y, c, example_ids)
-        valid = (y != IGNORE_INDEX) & mask
-        y = y.clamp(min=0)
-    else:
-        labels = batch.get("labels")
-        valid = mask if labels is None else mask & (labels.to(mask.device) != IGNORE_INDEX)
-        u = example_noise(seed, example_ids, logits.shape[1]).gather(1, _real_positions(mask).cpu())
-        y = sample_from_probs(logp.detach().exp(), u)
+    y, valid = est.token_labels(logp, mask, d)
     picked = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     return [(picked * valid).sum()]

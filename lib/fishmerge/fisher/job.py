@@ -15,11 +15,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from fishmerge.errors import FishmergeError
-from fishmerge.fisher.engine import DEFAULT_MAX_MEMORY, FisherAccumulator
-from fishmerge.fisher.estimators import detect_head
+from fishmerge.fisher.engine import FisherAccumulator
+from fishmerge.fisher.estimators import detect_head, get_estimator
+from fishmerge.fisher.options import FisherOptions
 from fishmerge.fisher.reduce import CorruptPartials, reduce_partials
 from fishmerge.fisher.shards import Shard, complete_shards, discard_shard, partials_uri, write_partial
 from fishmerge.fisher.store import (
@@ -45,24 +47,32 @@ from fishmerge.io.data import check_columns, data_fingerprint, encode, load_spli
 DEFAULT_STORE_ROOT = "./.fishmerge/fishers"
 
 
+def _option(name: str):
+    """The default of a Fisher option, from its one definition (`fishmerge.fisher.options.FisherOptions`)."""
+    return FisherOptions.model_fields[name].default
+
+
 @dataclass
 class FisherSpec:
-    """Everything that determines a Fisher, plus how to compute it (device, dtype, batch, memory)."""
+    """Everything that determines a Fisher, plus how to compute it (device, dtype, batch, memory).
+
+    The option fields (estimator … fallback) are `FisherOptions`' fields with its defaults; `examples`
+    may also be None (every row). `check_spec` validates them through `FisherOptions`."""
 
     model: str
     data: str
     split: str = "train"
     text_fields: list[str] = field(default_factory=lambda: ["text"])
     label_field: str | None = "label"
-    estimator: str = "exact"
-    examples: int | None = 1000
-    seed: int = 0
-    batch_size: int = 16
-    max_length: int = 128
+    estimator: str = _option("estimator")
+    examples: int | None = _option("examples")
+    seed: int = _option("seed")
+    batch_size: int = _option("batch_size")
+    max_length: int = _option("max_length")
     device: str = "auto"
-    dtype: str = "auto"
-    max_memory: int = DEFAULT_MAX_MEMORY
-    fallback: str = "vmap"
+    dtype: str = _option("dtype")
+    max_memory: int = _option("max_memory")
+    fallback: str = _option("fallback")
 
 
 @dataclass
@@ -106,21 +116,29 @@ def fisher_id(model_fp: str, data_fp: str, spec: FisherSpec, n: int, label_field
     return "f" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def check_spec(spec: FisherSpec) -> None:
-    """Numbers a Fisher is computed with: refused up front with the flag to fix."""
-    if not isinstance(spec.batch_size, int) or spec.batch_size < 1:
-        raise FishmergeError(f"--batch-size must be ≥ 1, got {spec.batch_size}")
-    if not isinstance(spec.max_length, int) or spec.max_length < 2:
-        raise FishmergeError(f"--max-length must be ≥ 2, got {spec.max_length}")
-    if spec.examples is not None and (not isinstance(spec.examples, int) or spec.examples < 1):
-        raise FishmergeError(f"--examples must be ≥ 1, got {spec.examples}")
-    if not isinstance(spec.max_memory, int) or spec.max_memory < 1:
-        raise FishmergeError(f"--max-memory must be a positive size, got {spec.max_memory}")
+def check_spec(spec: FisherSpec) -> FisherSpec:
+    """The options a Fisher is computed with, validated by `FisherOptions`: refused up front, in one
+    line naming the flag to fix (`--batch-size must be ≥ 1, got 0`). Returns the spec with sizes
+    such as '256MB' as bytes."""
+    values = {name: getattr(spec, name) for name in FisherOptions.model_fields}
+    if values["examples"] is None:  # every row
+        del values["examples"]
+    try:
+        checked = FisherOptions.model_validate(values, strict=True)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        flag = "--" + str(error["loc"][0] if error["loc"] else "options").replace("_", "-")
+        message = error["msg"]
+        if message.startswith("Value error, "):  # fishmerge's own checks say what they got
+            message = message.removeprefix("Value error, ")
+            raise FishmergeError(f"{flag} {message}" if message.startswith("must") else f"{flag}: {message}") from None
+        raise FishmergeError(f"{flag}: {message[:1].lower()}{message[1:]}, got {error['input']!r}") from None
+    return replace(spec, **{name: getattr(checked, name) for name in values})
 
 
 def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAULT_STORE_ROOT) -> Resolved:
     """Fingerprint the inputs and name the store, without loading model weights."""
-    check_spec(spec)
+    spec = check_spec(spec)
     dataset = load_split(spec.data, spec.split)
     indices = select_indices(len(dataset), spec.examples, spec.seed)
     arch = model_architecture(spec.model)
@@ -129,11 +147,11 @@ def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAUL
     if length != spec.max_length:
         spec = replace(spec, max_length=length)  # the length actually used names the Fisher
     label_field = spec.label_field
-    needs_labels = spec.estimator == "empirical" and head != "causal_lm"
+    needs_labels = get_estimator(spec.estimator).uses_labels and head != "causal_lm"  # an LM predicts its tokens
     if head == "causal_lm" or (label_field and label_field not in dataset.column_names and not needs_labels):
-        label_field = None  # the default 'label' is only needed by the empirical estimator
+        label_field = None  # the default 'label' is only needed by estimators that use labels
     if needs_labels and not label_field:
-        raise FishmergeError("the 'empirical' estimator needs --label-field")
+        raise FishmergeError(f"the '{spec.estimator}' estimator needs --label-field")
     fields = [*spec.text_fields, *([label_field] if label_field else [])]
     check_columns(dataset.column_names, fields, "text/label")
     data_fp = data_fingerprint(dataset, indices, fields)
@@ -156,8 +174,9 @@ def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAUL
 def existing_store(r: Resolved, keep_partials: bool = False) -> str | None:
     """The finished store for this Fisher id, or None. A store of another Fisher is an error.
 
-    A store fishmerge was writing when it was killed (remote stores are written in place) is not
-    finished: None, and the next write replaces it."""
+    A store fishmerge was writing when it was killed (a remote store is copied into place from its
+    staging prefix, marked `writing` until its group metadata is copied last) is not finished: None,
+    and the next write replaces it."""
     if not storage.exists(storage.join(r.store, "zarr.json")):
         return None
     stored = stored_attributes(r.store)
@@ -267,7 +286,8 @@ def missing_shards(r: Resolved, plan: list[Shard]) -> list[Shard]:
 
 
 def finish(r: Resolved, plan: list[Shard], summaries: list[dict], wall_s: float, keep_partials: bool = False) -> str:
-    """Reduce complete partials into the store; corrupt partials are discarded and reported."""
+    """Reduce complete partials into the store. Corrupt partials (failed checksums, missing data) are
+    discarded and reported as CorruptPartials, to recompute; any other error propagates as it is."""
     done = existing_store(r, keep_partials)  # a concurrent run of the same spec may have finished first
     if done:
         _drop_partials(r, keep_partials)
@@ -295,18 +315,12 @@ def finish(r: Resolved, plan: list[Shard], summaries: list[dict], wall_s: float,
     try:
         uri = reduce_partials(r.partials, plan, markers, r.store, attrs)
     except CorruptPartials as exc:
-        # not corrupt: a concurrent run finished first and removed the partials
+        # damaged or missing partial data; or not corrupt: a concurrent run finished first and took them
         done = existing_store(r, keep_partials)
         if done:
             return done
         for i in exc.shards:
             discard_shard(r.partials, plan[i])
-        raise
-    except Exception:
-        # a concurrent run of the same spec finished first and took the partials
-        done = existing_store(r, keep_partials)
-        if done:
-            return done
         raise
     _drop_partials(r, keep_partials)
     return uri

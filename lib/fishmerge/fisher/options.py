@@ -20,8 +20,7 @@ class FisherOptions(Strict):
     computed (batch, dtype, memory, fallback). The device is the execution's (`--device`, `execution.device`)."""
 
     estimator: Literal[ESTIMATORS] = Field(
-        "exact",
-        description="exact: expectation over the classes; sampled: one label from the model; empirical: the data's label",
+        DEFAULT_ESTIMATOR, description="; ".join(f"{n}: {get_estimator(n).description}" for n in ESTIMATORS)
     )
     examples: int = Field(1000, description="N examples chosen by the seed (all if N ≥ rows)")
     seed: int = Field(0, description="seed of the example selection and of sampled labels")

@@ -9,21 +9,38 @@ thread whatever the model size.
 
 from __future__ import annotations
 
+import json
+
 import dask
 import numpy as np
 
+from fishmerge.errors import FishmergeError
 from fishmerge.fisher.shards import Shard, open_partial
 from fishmerge.fisher.store import abort_store, begin_store, chunk_shape, commit_store, create_fisher_array
 
 BLOCK_BYTES = 32 * 2**20
 
 
-class CorruptPartials(Exception):
-    """Some shard partials failed their checksums or hold missing chunks; their indices are given."""
+class CorruptPartials(FishmergeError):
+    """Some shard partials failed their checksums or hold missing chunks; their indices are given.
+    The flow recomputes them; a retry of the same reduce cannot help (hence a FishmergeError)."""
 
     def __init__(self, shards: list[int]):
         super().__init__(f"corrupt partials for shard(s) {shards}")
         self.shards = shards
+
+    def __reduce__(self):  # survives pickling (a Dask worker's reduce task raises it to the flow)
+        return type(self), (self.shards,)
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """Whether reading a partial failed because its data is damaged or gone: a chunk failing its
+    checksum (zarr's Crc32c codec raises ValueError), missing or unreadable arrays, groups or files
+    (KeyError, OSError, torn JSON metadata). Anything else is a bug or an environment problem, and
+    must not be mistaken for a partial to recompute."""
+    if isinstance(exc, (OSError, KeyError, json.JSONDecodeError)):
+        return True
+    return isinstance(exc, ValueError) and "checksum" in str(exc).lower()
 
 
 def plan_blocks(shapes: dict[str, tuple[int, ...]]) -> list[list[tuple[str, int, int]]]:
@@ -56,8 +73,10 @@ def _reduce_block(block, sources: dict[int, object], dst, n_total: int) -> tuple
             try:
                 arr = group[key]
                 part = np.asarray(arr[start:stop] if arr.ndim else arr[...], dtype=np.float32)
-            except Exception:  # checksum mismatch, truncated or undecodable chunk
-                bad.append(index)
+            except Exception as exc:
+                if not is_corruption(exc):
+                    raise
+                bad.append(index)  # checksum mismatch, truncated chunk, missing array
                 continue
             if not np.isfinite(part).all():  # NaN fill: a chunk is missing
                 bad.append(index)
@@ -79,11 +98,21 @@ def _reduce_block(block, sources: dict[int, object], dst, n_total: int) -> tuple
 def reduce_partials(
     partials: str, plan: list[Shard], markers: dict[int, dict], store_uri: str, attrs: dict, num_workers: int = 2
 ) -> str:
-    """F = Σ_shards Σₙ gₙ² / N into `store_uri`; raises CorruptPartials naming shards to recompute."""
-    sources = {s.index: open_partial(partials, s, markers[s.index]) for s in plan}
+    """F = Σ_shards Σₙ gₙ² / N into `store_uri`; raises CorruptPartials naming shards to recompute
+    (only for damaged or missing partial data: any other error propagates as it is)."""
+    sources, bad, shapes = {}, [], {}
+    for s in plan:
+        try:
+            sources[s.index] = open_partial(partials, s, markers[s.index])
+            if s.index == plan[0].index:  # every partial holds the same arrays
+                shapes = {name: tuple(arr.shape) for name, arr in sources[s.index].arrays()}
+        except Exception as exc:
+            if not is_corruption(exc):
+                raise
+            bad.append(s.index)
+    if bad:
+        raise CorruptPartials(bad)
     n_total = sum(int(markers[s.index]["n_examples"]) for s in plan)
-    first = sources[plan[0].index]
-    shapes = {name: tuple(arr.shape) for name, arr in first.arrays()}
     staging, out = begin_store(store_uri)
     try:
         dst = {key: create_fisher_array(out, key, shape) for key, shape in shapes.items()}

@@ -144,3 +144,44 @@ def plot_layer_mass(rows: list[dict], title: str, out_uri: str) -> str:
     fs, path = storage.filesystem(out_uri)
     fs.pipe_file(path, buf.getvalue())
     return out_uri
+
+
+def fisher_report_markdown(store: str, summaries: list[dict]) -> tuple[str, str]:
+    """The report of an estimation, as markdown (spec, examples, wall time, throughput, the shards
+    computed this run, per-layer mass), and the per-layer mass plot written beside the store."""
+    attrs = dict(open_fisher_store(store).attrs)
+    rows = tensor_stats(store)
+    png = plot_layer_mass(
+        rows,
+        f"{attrs['fisher_id']} · {attrs['estimator']} · N={attrs['n_examples']}",
+        store.rstrip("/").removesuffix(".zarr") + ".layer-mass.png",
+    )
+    spec = attrs.get("spec", {})
+    shard_rows = "\n".join(
+        f"| {s['shard']} | {s['n_examples']} | {s['compute_s']:.1f} | {s['n_examples'] / max(s['compute_s'], 1e-9):.1f} |"
+        for s in sorted(summaries, key=lambda s: s["shard"])
+    )
+    md = f"""# Fisher {attrs["fisher_id"]}
+
+| | |
+|---|---|
+| store | `{store}` |
+| model | `{spec.get("model")}` (`{attrs["model_fingerprint"][:19]}…`) |
+| data | `{spec.get("data")}` split `{spec.get("split")}` (`{attrs["data_fingerprint"][:19]}…`) |
+| estimator | {attrs["estimator"]} |
+| examples | {attrs["n_examples"]} (seed {spec.get("seed")}, max length {spec.get("max_length")}) |
+| shards | {attrs.get("shards")} (computed this run: {attrs.get("shards_computed_last_run")}) |
+| wall time | {attrs.get("wall_time_s")} s |
+| examples/s | {attrs.get("examples_per_s")} |
+| device / dtype | {attrs.get("device")} / {attrs.get("model_dtype")} |
+| plot | `{png}` |
+
+## Shards computed this run
+| shard | examples | compute s | examples/s |
+|---|---|---|---|
+{shard_rows}
+
+## Per-layer Fisher mass
+{layer_mass_markdown(rows)}
+"""
+    return md, png

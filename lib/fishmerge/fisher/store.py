@@ -5,12 +5,14 @@ Public contract (sharded estimation and merging build on it):
   holding F already divided by N; uncompressed (Fishers barely compress and zstd reads slower);
 - group attributes at least `format`, `format_version`, `estimator`, `n_examples`,
   `model_fingerprint`, `data_fingerprint`, `created`, `fishmerge_version`.
-Written aside and renamed into place, so a reader never sees a half-written store.
+Written aside and renamed into place (object stores: copied into place, group metadata last), so a
+reader never sees a half-written store.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import os
 import uuid
@@ -55,7 +57,7 @@ def create_fisher_array(group: zarr.Group, key: str, shape: tuple[int, ...]) -> 
     return group.create_array(name=key, shape=shape, dtype="float32", chunks=chunk_shape(shape), compressors=None)
 
 
-WRITING = "writing"  # `format_state` of a remote store being written in place (no rename on S3)
+WRITING = "writing"  # `format_state` of a store being written (staged, or being copied into place on S3)
 _held: dict[str, safety.Lock] = {}  # staging folder -> this process's lock on it
 
 
@@ -103,8 +105,9 @@ def begin_store(uri: str) -> tuple[str, zarr.Group]:
     uri = storage.normalize(uri)
     check_store_path(uri)
     if storage.is_remote(uri):
-        storage.remove(uri)  # proven a fishmerge store (or absent): object stores have no rename
-        staging = uri
+        # staged aside like local stores (never at the final URI, which another run may have finished)
+        parent, name = uri.rsplit("/", 1)
+        staging = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
         attributes = {"format": FORMAT, "format_state": WRITING}  # ours from its first object on
         group = zarr.open_group(store=storage.zarr_store(staging), mode="w", zarr_format=3, attributes=attributes)
         return staging, group
@@ -137,7 +140,8 @@ def commit_store(staging: str, uri: str, group: zarr.Group, attrs: Mapping[str, 
         raise FishmergeError(f"Fisher store attributes {missing} are required by format v1")
     uri = storage.normalize(uri)
     if storage.is_remote(uri):
-        group.attrs.put(full)  # replaces the `writing` state: complete from here on
+        group.attrs.put(full)  # replaces the `writing` state: the staged store is complete
+        _publish_remote(staging, uri, full)
         return uri
     group.attrs.update(full)
     lock = _held.pop(staging, None)
@@ -151,8 +155,54 @@ def commit_store(staging: str, uri: str, group: zarr.Group, attrs: Mapping[str, 
     return uri
 
 
+def _finished(attrs: Mapping[str, object]) -> bool:
+    """A complete v1 Fisher store's attributes (not one being written, torn, or of another version)."""
+    state = (attrs.get("format"), attrs.get("format_version"), attrs.get("format_state"))
+    return state[:2] == (FORMAT, FORMAT_VERSION) and state[2] != WRITING
+
+
+def _publish_remote(staging: str, uri: str, attrs: Mapping[str, object]) -> None:
+    """Copy a complete staged remote store to its final URI (object stores have no rename).
+
+    The final URI is only written when it is absent or holds an unfinished fishmerge store (being
+    written, or left by a killed run): its group metadata is marked `writing` first, the arrays are
+    copied over it, objects of the old unfinished store that the new one lacks are removed, and the
+    complete group metadata is copied last, so a reader never takes a half-copied store for a
+    finished one. A finished store another run wrote is never deleted nor overwritten: the same
+    Fisher (same `fisher_id`) is kept as it is, anything else is an error."""
+    current = stored_attributes(uri)
+    if _finished(current):
+        ours = attrs.get("fisher_id")
+        if ours is None or current.get("fisher_id") != ours:
+            raise FishmergeError(
+                f"'{uri}' holds a finished Fisher store that another run wrote meanwhile (id "
+                f"{current.get('fisher_id')}): fishmerge never replaces it; choose another --store, or delete it"
+            )
+        abort_store(staging)  # a concurrent run of the same Fisher finished first: its store stands
+        return
+    check_store_path(uri)  # absent, or a fishmerge store: nothing of the user's is written over
+    fs, src = storage.filesystem(staging)
+    _, dst = storage.filesystem(uri)
+    meta = "zarr.json"
+    if current.get("format_state") != WRITING:
+        fs.pipe_file(f"{dst}/{meta}", json.dumps(_WRITING_GROUP).encode())  # unfinished from here on
+    fs.invalidate_cache(src)
+    fs.invalidate_cache(dst)
+    staged = {p[len(src) + 1 :] for p in fs.find(src)}
+    old = {p[len(dst) + 1 :] for p in fs.find(dst)} if fs.exists(dst) else set()
+    for key in sorted(staged - {meta}):
+        fs.copy(f"{src}/{key}", f"{dst}/{key}")
+    for key in sorted(old - staged):
+        fs.rm_file(f"{dst}/{key}")  # left by the unfinished store this one replaces
+    fs.copy(f"{src}/{meta}", f"{dst}/{meta}")  # complete from here on
+    abort_store(staging)
+
+
+_WRITING_GROUP = {"zarr_format": 3, "node_type": "group", "attributes": {"format": FORMAT, "format_state": WRITING}}
+
+
 def abort_store(staging: str) -> None:
-    """Remove what a failed write left (the staging folder, or the partial remote store)."""
+    """Remove what a failed write left: the staging folder (local) or prefix (remote), never the store."""
     storage.remove(staging)
     lock = _held.pop(staging, None)
     if lock:

@@ -191,7 +191,6 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto")
     """Load a local HF model with a task head and its tokenizer, refusing freshly initialised weights."""
     import transformers
 
-    global LOAD_COUNT
     d = Path(model_dir)
     arch = model_architecture(d)
     with _LOAD_LOCK:
@@ -201,7 +200,6 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto")
     if dtype != "auto" and dtype not in _DTYPES:
         raise FishmergeError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
     kwargs = {"dtype": _DTYPES[dtype]} if dtype != "auto" else {"dtype": "auto"}
-    LOAD_COUNT += 1
     transformers.utils.logging.disable_progress_bar()  # one bar per shard is noise; fishmerge shows its own
     with _LOAD_LOCK:  # transformers' lazy imports are not thread-safe: shards loading at once broke them
         model, info = cls.from_pretrained(d, use_safetensors=True, output_loading_info=True, **kwargs)
@@ -314,7 +312,6 @@ def checkpoint_names(model: nn.Module, keys: set[str] | dict) -> dict[str, str]:
 
 
 _LOAD_LOCK = threading.RLock()
-LOAD_COUNT = 0  # model weight loads in this process (tests check that reuse loads nothing)
 
 
 def model_architecture(model_dir: str | Path) -> str:

@@ -15,5 +15,9 @@ __all__, __getattr__, __dir__ = exports(
         "perplexity": "evaluation",
         "evaluate_merged": "baselines",
         "evaluate_baselines": "baselines",
+        "cached_search": "baselines",
+        "cached_evaluation": "baselines",
+        "merge_report_markdown": "report",
+        "write_pipeline_report": "report",
     },
 )

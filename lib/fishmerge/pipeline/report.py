@@ -1,4 +1,5 @@
-"""The pipeline's report: a markdown summary and the plots ops look at (λ curve, per-task bars)."""
+"""The reports: the merge's (plan, timings, outputs) and the pipeline's (a markdown summary, the
+plots ops look at: λ curve, per-task bars, Fisher mass per layer, and pipeline.json)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from fishmerge.io import storage  # noqa: E402
+from fishmerge.merge.config import MergeConfig  # noqa: E402
 
 KINDS = ["merged", "isotropic", "originals", "ensemble"]
 
@@ -56,7 +60,9 @@ def plot_task_bars(results: dict[str, dict[str, float]], metric: str, path: Path
 
 
 def results_table(results: dict[str, dict[str, float]]) -> str:
-    """Markdown table: each task/metric × merged and baselines."""
+    """Markdown table: each task/metric × merged and baselines (a note when nothing was evaluated)."""
+    if not results.get("merged"):
+        return "Not evaluated (the config has no `evaluate:`)."
     kinds = [k for k in KINDS if results.get(k)]
     keys = sorted(results["merged"])
     lines = ["| task/metric | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
@@ -123,3 +129,96 @@ Method **{method}**, chosen λ: {lam}.
 ## Plots
 {pics}
 """
+
+
+def merge_report_markdown(plan_text: str, summary: dict, fishers: dict[str, str]) -> str:
+    """The merge as one page: output folders, timings, the Fishers estimated or reused, the plan."""
+    rows = "\n".join(f"| {t} | `{p}` |" for t, p in summary["targets"].items())
+    fisher_rows = "\n".join(f"| {n} | `{u}` |" for n, u in fishers.items()) or "| — | — |"
+    return f"""# Merge {summary["plan_id"]} ({summary["method"]})
+
+## Outputs
+| target | folder |
+|---|---|
+{rows}
+
+## Timings
+| step | seconds |
+|---|---|
+| pre-passes (norms, thresholds) | {summary["precompute_s"]} |
+| merge | {summary["merge_s"]} |
+| total | {summary["wall_s"]} |
+
+Blocks run: {summary["blocks"]}; resumed from an interrupted run: {summary["blocks_resumed"]};
+bytes written: {summary["bytes_written"]:,}.
+
+## Fishers estimated or reused for this merge
+| model | store |
+|---|---|
+{fisher_rows}
+
+## Plan
+```
+{plan_text}
+```
+"""
+
+
+def candidate_rows(search: dict, model_names: list[str]) -> list[dict]:
+    """One row per λ candidate of a search: its λ, its score, whether it won (a table artifact)."""
+    return [
+        {
+            "candidate": i,
+            **{f"lambda_{n}": round(w, 4) for n, w in zip(model_names, c["weights"])},
+            search["metric"]: round(c["score"], 4),
+            "best": i == search["best"],
+        }
+        for i, c in enumerate(search["candidates"])
+    ]
+
+
+def write_pipeline_report(
+    cfg: MergeConfig,
+    fishers: dict[str, str],
+    weights: list[float],
+    searches: dict[str, dict],
+    results: dict[str, dict[str, float]],
+    tracked: dict,
+    merged_dirs: dict[str, str],
+) -> dict:
+    """report.md, the plots and pipeline.json beside the merged folders.
+
+    Returns {'report': path, 'plots': [paths], 'markdown': text, 'tables': {search label: candidate rows}}.
+    """
+    from fishmerge.fisher.report import plot_layer_mass, tensor_stats
+
+    out = Path(cfg.output)
+    names = [m.name for m in cfg.models]
+    plots = []
+    if searches:
+        plots.append(str(plot_lambda_curve(searches, names, out / "lambda_curve.png")))
+    metric = cfg.evaluate.metrics[0] if cfg.evaluate else "accuracy"
+    if results.get("merged"):
+        plots.append(str(plot_task_bars(results, metric, out / "tasks.png")))
+    for name, uri in fishers.items():
+        plots.append(plot_layer_mass(tensor_stats(uri), f"Fisher of {name}", str(out / f"fisher_mass_{name}.png")))
+    decisions = tracked.get("decisions", {})
+    md = report_markdown(cfg.name, cfg.method, names, weights, results, searches, decisions, merged_dirs, plots)
+    (out / "report.md").write_text(md)
+    summary = {
+        "name": cfg.name,
+        "method": cfg.method,
+        "weights": dict(zip(names, weights)),
+        "results": results,
+        "searches": searches,
+        "decisions": decisions,
+        "fishers": fishers,
+        "run_id": tracked.get("run_id"),
+    }
+    storage.write_json(str(out / "pipeline.json"), summary)
+    return {
+        "report": str(out / "report.md"),
+        "plots": plots,
+        "markdown": md,
+        "tables": {label: candidate_rows(s, names) for label, s in searches.items()},
+    }

@@ -22,6 +22,7 @@ from fishmerge.registry.registration import (
     find_lineage,
     is_decided,
     register_model_dir,
+    resolve_model_uri,
     resume_registration,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "point_mlflow_at",
     "promote",
     "register_model_dir",
+    "resolve_model_uri",
     "resume_registration",
     "tracking_uri",
     "use_experiment",
