@@ -70,39 +70,3 @@ def csv_data(tmp_path_factory) -> Path:
         w.writeheader()
         w.writerows(rows)
     return path
-
-
-@pytest.fixture(scope="session", autouse=True)
-def prefect_backend():
-    """One real Prefect server for the whole session (the test harness), analytics off."""
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        from prefect.settings import PREFECT_API_URL
-
-        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()  # subprocesses and Dask workers use it too
-        try:
-            yield
-        finally:
-            os.environ.pop("PREFECT_API_URL", None)
-
-
-@pytest.fixture(autouse=True)
-def prefect_console_follows_capture():
-    """Prefect's console handlers keep the stream they were built with; point them at this test's
-    captured stderr, or they write into the closed capture of an earlier test."""
-    import logging
-    import sys
-
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    loggers = [logging.getLogger()] + [
-        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
-    ]
-    for lg in loggers:
-        for h in lg.handlers:
-            if isinstance(h, PrefectConsoleHandler):
-                h.stream = sys.stderr
-                h.console.file = sys.stderr
-    yield

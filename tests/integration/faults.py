@@ -314,7 +314,7 @@ def fisher_inputs(root: Path) -> list[str]:
     from fishmerge.io.checkpoint import cached_model_fingerprint
 
     from tests.conftest import save_model_dir, sentences
-    from tests.test_fisher_sharded import fisher_args
+    from tests.integration.test_fisher_sharded import fisher_args
 
     model = save_model_dir(root / "model", "bert-cls")
     cached_model_fingerprint(model)  # its cache beside the model is written here, not by a killed run
@@ -327,7 +327,7 @@ def fisher_inputs(root: Path) -> list[str]:
 def merge_inputs(root: Path) -> dict:
     """Two tiny models with synthetic Fisher stores (the `inputs` fixture of tests/test_merge_cli.py)."""
     from tests.conftest import save_model_dir
-    from tests.test_merge_cli import write_fisher
+    from tests.integration.test_merge_cli import write_fisher
 
     a = save_model_dir(root / "a", "bert-cls", seed=1)
     b = save_model_dir(root / "b", "bert-cls2", seed=2)
@@ -336,7 +336,7 @@ def merge_inputs(root: Path) -> dict:
 
 def merge_config(inputs: dict, ws: Path, weights: tuple[float, float] = (0.6, 0.4), file: str = "cfg.yaml") -> Path:
     """A Fisher merge of the two inputs, both targets, output `ws/out` (tests/test_merge_cli.py's helpers)."""
-    from tests.test_merge_cli import two_models, write_config
+    from tests.integration.test_merge_cli import two_models, write_config
 
     models = two_models(inputs)
     for m, w in zip(models, weights):

@@ -44,8 +44,8 @@ import yaml
 from fishmerge.flows.cli import main
 
 from tests.conftest import save_model_dir, sentences
-from tests.test_bad_input import write_csv
-from tests.test_merge_cli import write_fisher
+from tests.integration.test_bad_input import write_csv
+from tests.integration.test_merge_cli import write_fisher
 
 REPO = Path(__file__).resolve().parents[2]
 QUERY = "bert.encoder.layer.0.attention.self.query.weight"

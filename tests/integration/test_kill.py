@@ -196,7 +196,7 @@ def run_inputs(tmp_path_factory) -> dict:
     from fishmerge.io.checkpoint import cached_model_fingerprint
     from mlflow import MlflowClient
 
-    from tests.test_pipeline import KEYWORDS, finetune, keyword_rows
+    from tests.integration.test_pipeline import KEYWORDS, finetune, keyword_rows
 
     root = tmp_path_factory.mktemp("kill-run-inputs")
     threads = torch.get_num_threads()
@@ -221,7 +221,7 @@ def run_inputs(tmp_path_factory) -> dict:
 def run_workspace(inputs: dict, ws: Path) -> Path:
     """`ws` with p.yaml (tests/test_pipeline.py's config at small sizes, inputs by absolute path) and
     a fresh copy of the empty MLflow database at ws/mlflow/mlflow.db."""
-    from tests.test_pipeline import write_config
+    from tests.integration.test_pipeline import write_config
 
     fresh_dir(ws)
     (ws / "mlflow").mkdir()

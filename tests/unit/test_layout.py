@@ -1,5 +1,6 @@
 """The house rules, checked: the core never imports Prefect (even indirectly), one import name is
-installed, and no code outside a merge method's own module branches on the method's name."""
+installed, unit tests stay on the core, and no code outside a merge method's own module branches on
+the method's name."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from fishmerge.merge.methods import METHODS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORE = ROOT / "lib" / "fishmerge"
 
 
@@ -36,13 +37,13 @@ def test_the_core_never_imports_prefect() -> None:
 
 def test_one_import_name(tmp_path: Path) -> None:
     """`fishmerge` and its subpackages resolve inside lib/fishmerge, tasks/ and flows/ (no lib/tasks/flows)."""
+    import importlib.util
+
     import fishmerge
-    import fishmerge.flows
-    import fishmerge.tasks
 
     assert Path(fishmerge.__file__).parent == CORE
-    assert Path(fishmerge.tasks.__file__).parent == ROOT / "tasks"
-    assert Path(fishmerge.flows.__file__).parent == ROOT / "flows"
+    for sub, folder in (("tasks", "tasks"), ("flows", "flows")):  # found, not imported (no Prefect here)
+        assert Path(importlib.util.find_spec(f"fishmerge.{sub}").origin).parent == ROOT / folder
     code = "import importlib.util as u; print([n for n in ('lib', 'tasks', 'flows') if u.find_spec(n)])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "[]"
@@ -77,3 +78,18 @@ def test_each_package_names_its_public_api() -> None:
         assert mod.__all__, pkg
         for name in mod.__all__:
             assert getattr(mod, name) is not None, f"{pkg}.{name}"
+
+
+def test_unit_tests_use_the_core_only() -> None:
+    """tests/unit/ imports no Prefect, flows or tasks (the server fixture lives in tests/integration/)."""
+    banned = ("prefect", "fishmerge.flows", "fishmerge.tasks")
+    found = []
+    for p in sorted((ROOT / "tests" / "unit").glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            found += [
+                f"{p.name}:{node.lineno} {n}" for n in names if n.split(".")[0] == "prefect" or n.startswith(banned[1:])
+            ]
+    assert found == [], found

@@ -18,7 +18,7 @@ from fishmerge.io.safetensors import tensor_index
 
 from tests.conftest import save_model_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_fisher(model_dir: Path, seed: int, nan_key: str | None = None) -> Path:

@@ -7,8 +7,8 @@ import torch
 from fishmerge.fisher.engine import estimate_fisher
 
 from tests.oracle import naive_fisher
-from tests.test_fisher_oracle import make_batches, make_examples
 from tests.tiny_models import build
+from tests.unit.test_fisher_oracle import make_batches, make_examples
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -17,7 +17,7 @@ from fishmerge.flows.cli import main
 from fishmerge.flows.estimate_fisher import run_estimate_fisher
 from fishmerge.io import storage
 
-from tests.test_fisher_sharded import count_loads, fisher_args, rel_err, setup  # noqa: F401  (module fixture reused)
+from tests.integration.test_fisher_sharded import count_loads, fisher_args, rel_err, setup  # noqa: F401  (module fixture reused)
 
 
 def test_flow_on_a_local_dask_cluster_with_two_worker_processes(setup, tmp_path) -> None:  # noqa: F811

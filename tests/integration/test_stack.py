@@ -16,7 +16,7 @@ from uuid import UUID
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "deployments" / "stack.sh"
 PREFECT = str(ROOT / ".venv" / "bin" / "prefect") if (ROOT / ".venv" / "bin" / "prefect").exists() else "prefect"
 

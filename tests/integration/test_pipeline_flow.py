@@ -24,9 +24,9 @@ from prefect import flow, task
 from safetensors.numpy import load_file
 
 from tests.conftest import save_model_dir
-from tests.test_merge_cli import write_fisher
+from tests.integration.test_merge_cli import write_fisher
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

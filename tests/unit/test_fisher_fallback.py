@@ -10,8 +10,8 @@ from fishmerge.fisher.engine import FisherAccumulator, estimate_fisher
 from torch import nn
 
 from tests.oracle import naive_fisher
-from tests.test_fisher_oracle import assert_close, make_batches, make_examples
 from tests.tiny_models import build
+from tests.unit.test_fisher_oracle import assert_close, make_batches, make_examples
 
 
 class GainLinear(nn.Module):
