@@ -103,13 +103,6 @@ def test_unreachable_s3_root_is_a_clear_error(setup, s3_endpoint, capsys) -> Non
     assert "unreachable or not writable" in err and "Traceback" not in err
 
 
-def test_s3_store_reads_like_a_local_one(setup, s3_endpoint) -> None:  # noqa: F811
-    uri = run_estimate_fisher(asdict(setup["spec"]), store_root=s3_endpoint, shards=2)
-    g = zarr.open_group(store=storage.zarr_store(uri, read_only=True), mode="r")
-    assert g.attrs["format"] == "fishmerge.fisher"
-    np.testing.assert_allclose(g["classifier.weight"][...], setup["single"]["classifier.weight"], rtol=1e-5)
-
-
 def _finished_on_s3(setup, root: str):  # noqa: F811
     """A store on S3 finished by one run, its partials kept for a second reduce of the same spec."""
     from fishmerge.fisher.job import finish
@@ -129,12 +122,24 @@ def _leftovers(fs, root: str) -> list[str]:
     return [p for p in fs.find(storage.filesystem(root)[1]) if ".tmp-" in p]
 
 
-def test_a_failed_concurrent_reduce_never_deletes_a_finished_s3_store(setup, s3_endpoint) -> None:  # noqa: F811
+def test_a_second_reduce_of_a_finished_s3_store_keeps_it_and_a_failed_one_never_deletes_it(
+    setup,  # noqa: F811
+    s3_endpoint,
+) -> None:
+    """Two runs of one spec that both passed their reuse check: the later reduce leaves the finished
+    store as it is (objects and metadata), and a later reduce that fails removes only its own staging."""
     from fishmerge.fisher.reduce import CorruptPartials, reduce_partials
 
     r, plan, markers, attrs, fs, path = _finished_on_s3(setup, s3_endpoint)
+    meta = fs.cat_file(f"{path}/zarr.json")
+    objects = sorted(fs.find(path))
     before = read_fisher(r.store)
-    # A second run of the same spec passed its reuse check before the first finished; its reduce then fails.
+    assert reduce_partials(r.partials, plan, markers, r.store, {**attrs, "wall_time_s": 99.0}) == r.store
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{path}/zarr.json") == meta, "a finished store was rewritten"
+    assert sorted(fs.find(path)) == objects
+    assert not _leftovers(fs, s3_endpoint)
+
     chunk = sorted(p for p in fs.find(storage.filesystem(r.partials)[1]) if "shard-00001" in p and "/c/" in p)[0]
     fs.pipe_file(chunk, fs.cat_file(chunk)[:5])
     with pytest.raises(CorruptPartials):
@@ -142,19 +147,6 @@ def test_a_failed_concurrent_reduce_never_deletes_a_finished_s3_store(setup, s3_
     got = read_fisher(r.store)  # the first run's store is still there, whole
     assert set(got) == set(before) and all(np.array_equal(got[k], before[k]) for k in before)
     assert not _leftovers(fs, s3_endpoint), "staging objects left behind"
-
-
-def test_a_second_reduce_keeps_the_finished_s3_store_as_it_is(setup, s3_endpoint) -> None:  # noqa: F811
-    from fishmerge.fisher.reduce import reduce_partials
-
-    r, plan, markers, attrs, fs, path = _finished_on_s3(setup, s3_endpoint)
-    meta = fs.cat_file(f"{path}/zarr.json")
-    objects = sorted(fs.find(path))
-    assert reduce_partials(r.partials, plan, markers, r.store, {**attrs, "wall_time_s": 99.0}) == r.store
-    fs.invalidate_cache()
-    assert fs.cat_file(f"{path}/zarr.json") == meta, "a finished store was rewritten"
-    assert sorted(fs.find(path)) == objects
-    assert not _leftovers(fs, s3_endpoint)
 
 
 def test_an_unfinished_s3_store_is_replaced_whole(setup, s3_endpoint) -> None:  # noqa: F811
@@ -173,4 +165,7 @@ def test_an_unfinished_s3_store_is_replaced_whole(setup, s3_endpoint) -> None:  
     fs.invalidate_cache()
     assert not fs.exists(f"{path}/stray.weight/zarr.json")
     assert rel_err(read_fisher(uri), setup["single"]) <= 1e-6
+    g = zarr.open_group(store=storage.zarr_store(uri, read_only=True), mode="r")  # reads like a local store
+    assert g.attrs["format"] == "fishmerge.fisher"
+    np.testing.assert_allclose(g["classifier.weight"][...], setup["single"]["classifier.weight"], rtol=1e-5)
     assert not _leftovers(fs, s3_endpoint)

@@ -97,3 +97,40 @@ def test_sizes() -> None:
     assert parse_size("512MiB") == 512 * 2**20
     assert parse_size("1.5 GiB") == int(1.5 * 2**30)
     assert parse_size(123) == 123
+
+
+def test_pipeline_fisher_specs_follow_the_execution_device_and_the_fisher_options(
+    model_dirs, csv_data, tmp_path
+) -> None:
+    """The pipeline's Fishers are computed as the config says: `execution.device` (a GPU host with
+    `device: cpu` computes on the CPU), and the fisher block's dtype, max_memory and fallback (which
+    the config used to refuse and the specs dropped); the store records what was used."""
+    from fishmerge.fisher.job import FisherSpec, compute_shard, finish, resolve
+    from fishmerge.fisher.shards import plan_shards
+    from fishmerge.fisher.store import open_fisher_store
+    from fishmerge.merge.config import fisher_specs
+
+    path = write(
+        tmp_path,
+        f"""
+name: dev
+method: fisher
+models:
+  - {{name: a, path: {model_dirs["bert-cls"]}, data: {{path: {csv_data}, text_fields: [text]}}}}
+  - {{name: b, path: {model_dirs["bert-cls"]}, data: {{path: {csv_data}, text_fields: [text]}}}}
+fisher: {{estimator: sampled, examples: 4, batch_size: 2, max_length: 16, dtype: bfloat16, max_memory: 64MB, fallback: error}}
+output: {tmp_path / "out"}
+execution: {{device: cpu}}
+""",
+    )
+    spec = fisher_specs(load_merge_config(path))["a"]
+    assert (spec["device"], spec["dtype"], spec["max_memory"], spec["fallback"]) == (
+        "cpu",
+        "bfloat16",
+        64 * 10**6,
+        "error",
+    )
+    r = resolve(FisherSpec(**spec), store_root=str(tmp_path / "fishers"))
+    plan = plan_shards(len(r.indices), 1)
+    attrs = dict(open_fisher_store(finish(r, plan, [compute_shard(r, s) for s in plan], 1.0)).attrs)
+    assert attrs["device"] == "cpu" and attrs["model_dtype"] == "bfloat16", attrs
