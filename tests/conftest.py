@@ -59,14 +59,17 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     return {name: save_model_dir(root / name, name) for name in ("bert-cls", "llama-lm", "gpt2-cls")}
 
 
-@pytest.fixture(scope="session")
-def csv_data(tmp_path_factory) -> Path:
+def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> Path:
+    """Rows as a CSV file with a header (the columns of the first row unless given)."""
     import csv
 
-    path = tmp_path_factory.mktemp("data") / "rows.csv"
-    rows = sentences(23)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields or list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+@pytest.fixture(scope="session")
+def csv_data(tmp_path_factory) -> Path:
+    return write_csv(tmp_path_factory.mktemp("data") / "rows.csv", sentences(23))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -10,15 +9,7 @@ import torch
 from fishmerge.flows.cli import main
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import save_model_dir, sentences
-
-
-def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields or list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+from tests.conftest import save_model_dir, sentences, write_csv
 
 
 def fails(args: list[str], tmp_path: Path, capsys, *needles: str) -> None:

@@ -43,8 +43,7 @@ import pytest
 import yaml
 from fishmerge.flows.cli import main
 
-from tests.conftest import save_model_dir, sentences
-from tests.integration.test_bad_input import write_csv
+from tests.conftest import save_model_dir, sentences, write_csv
 from tests.integration.test_merge_cli import write_fisher
 
 REPO = Path(__file__).resolve().parents[2]

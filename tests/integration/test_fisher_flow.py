@@ -4,7 +4,6 @@ tells corrupt partials from bugs, and the report rendered by the core."""
 
 from __future__ import annotations
 
-import csv
 import os
 import threading
 import time
@@ -18,18 +17,13 @@ from fishmerge.fisher.reduce import CorruptPartials
 from fishmerge.fisher.shards import complete_shards, plan_shards
 from fishmerge.flows.estimate_fisher import estimate_fisher
 
-from tests.conftest import save_model_dir, sentences
+from tests.conftest import save_model_dir, sentences, write_csv
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("flow")
-    data = root / "rows.csv"
-    rows = sentences(12, seed=3)
-    with open(data, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    data = write_csv(root / "rows.csv", sentences(12, seed=3))
     return {
         "model": save_model_dir(root / "model", "bert-cls"),
         "lm": save_model_dir(root / "lm", "llama-lm"),

@@ -21,21 +21,15 @@ from fishmerge.flows.cli import main
 from fishmerge.flows.estimate_fisher import run_estimate_fisher
 from fishmerge.io import checkpoint
 
-from tests.conftest import save_model_dir, sentences
+from tests.conftest import save_model_dir, sentences, write_csv
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import csv
 
     root = tmp_path_factory.mktemp("sharded")
     model = save_model_dir(root / "model", "bert-cls")
-    data = root / "rows.csv"
-    rows = sentences(40, seed=7)
-    with open(data, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    data = write_csv(root / "rows.csv", sentences(40, seed=7))
     spec = FisherSpec(model=str(model), data=str(data), estimator="exact", examples=37, seed=1, batch_size=4)
     single = root / "single.zarr"
     run_estimate_fisher(asdict(spec), store=str(single), shards=1)
