@@ -4,13 +4,16 @@ blocks the executor, the pre-passes and the λ search share; every value checked
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fishmerge.errors import FishmergeError
 from fishmerge.fisher.store import FisherReader
 from fishmerge.io.safetensors import read_rows
-from fishmerge.merge.plan import MergePlan
+
+if TYPE_CHECKING:  # the plan's type only: methods (imported by the plan) read rows through this module
+    from fishmerge.merge.plan import MergePlan
 
 
 def row_blocks(rows: int, row_elems: int, block_elems: int, align: int = 1) -> list[tuple[int, int]]:

@@ -13,6 +13,7 @@ import numpy as np
 from pydantic import AfterValidator, Field
 
 from fishmerge.errors import FishmergeError
+from fishmerge.merge.inputs import fisher_rows, merge_blocks
 from fishmerge.merge.methods.base import MergeMethod, Prepass, register_method
 from fishmerge.schema import Strict
 
@@ -33,8 +34,6 @@ class FisherParams(Strict):
 def fisher_norms(plan, run_tasks) -> list[float]:
     """One global ‖Fᵢ‖₂ per model over every merged tensor, streamed block by block."""
     import dask
-
-    from fishmerge.merge.inputs import fisher_rows, merge_blocks
 
     def sq_sum(plan, i, key, r0, r1) -> float:
         f = fisher_rows(plan, i, key, r0, r1).astype(np.float64)

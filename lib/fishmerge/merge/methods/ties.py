@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import AfterValidator, Field
 
 from fishmerge.errors import FishmergeError
+from fishmerge.merge.inputs import base_rows, model_rows, row_blocks
 from fishmerge.merge.methods.base import MergeMethod, Prepass, register_method
 from fishmerge.merge.methods.task_arithmetic import ScaleParams
 
@@ -38,7 +39,6 @@ def kept_entries(density: float, n: int) -> int:
 
 def _hist(plan, m_index: int, key: str, r0: int, r1: int, bucket: int | None) -> np.ndarray:
     """Histogram of |θᵢ − base| float32 bit patterns: high 16 bits, or low 16 bits within one high bucket."""
-    from fishmerge.merge.inputs import base_rows, model_rows
 
     tv = model_rows(plan, m_index, key, r0, r1) - base_rows(plan, key, r0, r1)
     bits = np.abs(tv).ravel().view(np.uint32)
@@ -59,8 +59,6 @@ def _kth_largest_bucket(hist: np.ndarray, k: int) -> tuple[int, int]:
 def ties_thresholds(plan, run_tasks) -> dict[str, list[float]]:
     """Exact per-(tensor, model) k-th largest |θᵢ − base|, k = kept_entries(density, n)."""
     import dask
-
-    from fishmerge.merge.inputs import row_blocks
 
     def blocks(key):
         ref = plan.models[0].refs[key]
