@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -60,22 +61,15 @@ def load_inputs(plan: MergePlan) -> MergeInputs:
 
     method = plan.merge_method
 
-    def whole(read, key: str) -> np.ndarray:
-        return read(key, 0, plan.models[0].refs[key].rows).reshape(plan.models[0].refs[key].shape)
+    def whole(read) -> dict[str, np.ndarray]:
+        """Every merged tensor whole, read by `read(key, r0, r1)`."""
+        refs = plan.models[0].refs
+        return {k: read(k, 0, refs[k].rows).reshape(refs[k].shape) for k in plan.shared}
 
-    thetas = [
-        {k: whole(lambda key, a, b, i=i: model_rows(plan, i, key, a, b), k) for k in plan.shared}
-        for i in range(len(plan.models))
-    ]
-    fishers = None
-    if method.needs_fisher:
-        fishers = [
-            {k: whole(lambda key, a, b, i=i: fisher_rows(plan, i, key, a, b), k) for k in plan.shared}
-            for i in range(len(plan.models))
-        ]
-    base = None
-    if method.needs_base:
-        base = {k: whole(lambda key, a, b: base_rows(plan, key, a, b), k) for k in plan.shared}
+    models = range(len(plan.models))
+    thetas = [whole(partial(model_rows, plan, i)) for i in models]
+    fishers = [whole(partial(fisher_rows, plan, i)) for i in models] if method.needs_fisher else None
+    base = whole(partial(base_rows, plan)) if method.needs_base else None
     return MergeInputs(thetas, fishers, base, run_prepasses(plan))
 
 

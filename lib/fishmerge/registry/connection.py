@@ -108,8 +108,9 @@ def check_reachable(uri: str, retries: int = 3, backoff_s: float = 1.0, timeout_
         raise FishmergeError(f"MLflow tracking database '{db}' is read-only: fix its permissions or the tracking URI")
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
+def slug(name: str, empty: str = "model") -> str:
+    """A name as one safe path component (never empty, never `.` or `..`)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or empty
 
 
 def point_mlflow_at(uri: str) -> None:
@@ -136,7 +137,7 @@ def use_experiment(name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         db = _sqlite_path(uri)
-        location = (db.resolve().parent / "mlartifacts" / _slug(name)).as_uri() if db else None
+        location = (db.resolve().parent / "mlartifacts" / slug(name, "experiment")).as_uri() if db else None
         try:
             exp_id = client.create_experiment(name, artifact_location=location)
         except MlflowException:  # created concurrently by another process

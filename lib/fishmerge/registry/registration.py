@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -20,7 +19,15 @@ from mlflow.exceptions import MlflowException
 from fishmerge.errors import FishmergeError
 from fishmerge.io import safety
 from fishmerge.io.checkpoint import safetensors_files
-from fishmerge.registry.connection import CHALLENGER, CHAMPION, DECISION_TAG, LINEAGE_TAG, MODEL_ARTIFACT, quote_filter
+from fishmerge.registry.connection import (
+    CHALLENGER,
+    CHAMPION,
+    DECISION_TAG,
+    LINEAGE_TAG,
+    MODEL_ARTIFACT,
+    quote_filter,
+    slug,
+)
 from fishmerge.registry.pyfunc import FishmergeHFModel, default_pip_requirements, pickle_by_value
 
 
@@ -185,10 +192,12 @@ def download_model_dir(name: str, alias_or_version: str | int, dst: str | Path) 
     dst = Path(dst)
     version = str(mv.version)
     tmp = _download_aside(name, version, dst, _identity(mv))
+
+    def owned(folder: Path) -> bool:  # an earlier download of fishmerge's, or nothing to lose
+        return _downloaded(folder) is not None or safety.is_empty_dir(folder)
+
     try:
-        if safety.is_empty_dir(dst):
-            dst.rmdir()
-        safety.replace_owned(tmp, dst, lambda d: _downloaded(d) is not None, "a registry download")
+        safety.replace_owned(tmp, dst, owned, "a registry download")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst / _downloaded(dst)["model_dir"]
@@ -202,7 +211,7 @@ def resolve_model_uri(uri: str, root: str | Path) -> str:
     name, which = parse_model_uri(uri)
     mv = resolve_version(name, which)
     version, identity = str(mv.version), _identity(mv)
-    dst = Path(root) / _slug(name) / f"v{version}-{identity}"
+    dst = Path(root) / slug(name) / f"v{version}-{identity}"
     record = _downloaded(dst)
     if record is None:
         tmp = _download_aside(name, version, dst, identity)
@@ -221,10 +230,6 @@ def resolve_model_uri(uri: str, root: str | Path) -> str:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return str(dst / record["model_dir"])
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
 
 
 def model_version(name: str, version: str | int):
