@@ -77,7 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", required=True, help="local Hugging Face model directory (safetensors + tokenizer)")
     f.add_argument("--data", required=True, help="datasets.save_to_disk folder, or a .csv/.json/.jsonl/.parquet file")
     f.add_argument("--split", default="train", help="split of a save_to_disk DatasetDict")
-    f.add_argument("--text-fields", type=_fields, default="text", help="one or two text columns: a[,b]")
+    f.add_argument(
+        "--text-fields",
+        type=_fields,
+        default="text",
+        help="one or two text columns: a[,b] (a causal LM: text, or prompt,response — only the response counts)",
+    )
+    f.add_argument(
+        "--messages-field", help="a causal LM's chat column of {role, content} turns (only the last turn counts)"
+    )
     labelled = [n for n in ESTIMATORS if get_estimator(n).uses_labels]
     f.add_argument(
         "--label-field", default="label", help=f"label column (needed by the {'/'.join(labelled)} estimator)"
@@ -144,6 +152,7 @@ def _cmd_fisher(args: argparse.Namespace) -> str:
         split=args.split,
         text_fields=args.text_fields,
         label_field=args.label_field or None,
+        messages_field=args.messages_field or None,
         device=args.device,
         **{name: getattr(args, name) for name in FisherOptions.model_fields},
     )

@@ -29,6 +29,7 @@ def pipeline_prepare(config: str, run_root: str = "./.fishmerge/runs") -> dict:
     from fishmerge.errors import FishmergeError
     from fishmerge.io import storage
     from fishmerge.merge.config import load_merge_config
+    from fishmerge.pipeline.baselines import check_scorers, check_task_data, settle_metrics
     from fishmerge.registry.registration import resolve_model_uri
 
     text = Path(config).read_text() if Path(config).is_file() else ""
@@ -43,6 +44,10 @@ def pipeline_prepare(config: str, run_root: str = "./.fishmerge/runs") -> dict:
     for m in cfg.models:
         if m.path.startswith("models:/"):
             m.path = resolve_model_uri(m.path, root / "registry")
+    if cfg.search or cfg.evaluate:  # metrics by the targets' kind, their data and scorers: checked before any work
+        settle_metrics(cfg)
+        check_task_data(cfg)
+        check_scorers(cfg)
     record = root / f"{cfg.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

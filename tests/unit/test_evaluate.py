@@ -88,7 +88,7 @@ def test_ensemble_probabilities() -> None:
         ensemble_probabilities([a, b[:4]], [1, 1])
     with pytest.raises(FishmergeError, match="≥ 0"):
         ensemble_probabilities([a, b], [1, -1])
-    with pytest.raises(FishmergeError, match="2 probability matrices but 1 weights"):
+    with pytest.raises(FishmergeError, match="2 model outputs but 1 weights"):
         ensemble_probabilities([a, b], [1])
 
 

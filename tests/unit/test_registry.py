@@ -96,7 +96,7 @@ def test_decide_promotion_rules() -> None:
     ok, reason = decide_promotion({"accuracy": 0.82, "mnli/accuracy": 0.695}, champ, "accuracy", 0.01, POLICY["guard"])
     assert ok and "0.82" in reason and "0.8" in reason
     ok, reason = decide_promotion({"accuracy": 0.805, "mnli/accuracy": 0.9}, champ, "accuracy", 0.01, POLICY["guard"])
-    assert not ok and "0.805 < champion 0.8 + min_delta 0.01" in reason
+    assert not ok and "0.805 vs champion 0.8: better by +0.005 < min_delta 0.01 (higher is better)" in reason
     ok, reason = decide_promotion({"accuracy": 0.9, "mnli/accuracy": 0.68}, champ, "accuracy", 0.01, POLICY["guard"])
     assert not ok and "guard mnli/accuracy broken" in reason and "-0.02" in reason
     assert decide_promotion({"accuracy": 0.8}, {"accuracy": 0.8}, "accuracy", 0.0, {})[0]  # ties promote at delta 0
@@ -104,6 +104,31 @@ def test_decide_promotion_rules() -> None:
         decide_promotion({"accuracy": 0.9}, champ, "f1", 0.0, {})
     with pytest.raises(FishmergeError, match=r"champion's metrics lack \['qnli/accuracy'\]"):
         decide_promotion({"accuracy": 0.9, "qnli/accuracy": 0.5}, champ, "accuracy", 0.0, {"qnli/accuracy": -0.1})
+
+
+def test_decide_promotion_by_a_lower_is_better_metric() -> None:
+    """nll/perplexity: min_delta means "lower by", a guard's tolerance an allowed rise; each case on its own."""
+    champ = {"lm/nll": 2.50, "code/nll": 3.00, "lm/perplexity": 12.18}
+    guard = {"code/nll": -0.05}  # code's NLL may rise by up to 0.05
+    ok, reason = decide_promotion(
+        {"lm/nll": 2.40, "code/nll": 3.04, "lm/perplexity": 11.0}, champ, "lm/nll", 0.05, guard
+    )
+    assert ok and "better by +0.1 ≥ min_delta 0.05 (lower is better)" in reason and "code/nll better by -0.04" in reason
+    ok, reason = decide_promotion(
+        {"lm/nll": 2.48, "code/nll": 2.0, "lm/perplexity": 11.9}, champ, "lm/nll", 0.05, guard
+    )
+    assert not ok and "better by +0.02 < min_delta 0.05 (lower is better)" in reason  # lower, not lower enough
+    ok, reason = decide_promotion({"lm/nll": 2.60, "code/nll": 2.0, "lm/perplexity": 13.5}, champ, "lm/nll", 0.0, {})
+    assert not ok and "better by -0.1" in reason  # a higher NLL is worse, whatever a higher accuracy would be
+    ok, reason = decide_promotion({"lm/nll": 2.0, "code/nll": 3.10, "lm/perplexity": 7.4}, champ, "lm/nll", 0.0, guard)
+    assert not ok and "guard code/nll broken" in reason and "-0.1" in reason
+    assert decide_promotion({"lm/perplexity": 12.0}, champ, "lm/perplexity")[0]  # perplexity: lower wins too
+    user = {"lm/my_scorers.rate": 0.2}
+    with pytest.raises(FishmergeError, match="cannot tell whether a higher or a lower 'lm/my_scorers.rate'"):
+        decide_promotion(user, {"lm/my_scorers.rate": 0.3}, "lm/my_scorers.rate")
+    assert decide_promotion(
+        user, {"lm/my_scorers.rate": 0.3}, "lm/my_scorers.rate", directions={"my_scorers.rate": False}
+    )[0]
 
 
 def test_register_dedupes_by_lineage_and_keeps_artifacts_beside_the_db(store, cls_dir, tmp_path) -> None:
@@ -132,7 +157,7 @@ def test_promotion_sequence(store, cls_dir) -> None:
     tags = MlflowClient().get_model_version(NAME, "3").tags
     assert (
         tags["fishmerge.decision"] == "rejected"
-        and "0.855 < champion 0.85 + min_delta 0.01" in tags["fishmerge.reason"]
+        and "0.855 vs champion 0.85: better by +0.005 < min_delta 0.01" in tags["fishmerge.reason"]
     )
     assert tags["fishmerge.champion_before"] == "2" and float(tags["metric.accuracy"]) == 0.855
     guard = apply_promotion(NAME, versions[3], {"accuracy": 0.95, "mnli/accuracy": 0.60}, POLICY)

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from fishmerge.errors import FishmergeError
+from fishmerge.io.data import IGNORE_INDEX
 
 HEADS = ("sequence_classification", "causal_lm", "token_classification")
-IGNORE_INDEX = -100
 
 
 def detect_head(model: nn.Module | str) -> str:
@@ -237,7 +237,22 @@ class Empirical(Estimator):
 
 
 ESTIMATORS = tuple(_REGISTRY)  # names in registration order
-DEFAULT_ESTIMATOR = ESTIMATORS[0]
+AUTO = "auto"  # the default: `exact` for classifiers, `sampled` for causal LMs (a vocabulary is too big for exact)
+DEFAULT_ESTIMATOR = AUTO
+
+
+def estimator_for(name: str, head: str) -> str:
+    """The estimator `name` stands for on a model with this head (`auto` resolved), refused up front where
+    it cannot work (`exact` on a causal LM: one backward pass per vocabulary entry)."""
+    if name == AUTO:
+        return "sampled" if head in ("causal_lm", "token_classification") else ESTIMATORS[0]
+    get_estimator(name)
+    if name == "exact" and head == "causal_lm":
+        raise FishmergeError(
+            "'exact' over a causal LM's vocabulary is intractable (one backward pass per token of the vocabulary): "
+            "use estimator sampled (the default for causal LMs) or empirical"
+        )
+    return name
 
 
 def log_likelihood_terms(
@@ -270,6 +285,8 @@ def _causal_lm_terms(logits, est: Estimator, d: Draws):
     ids = d.batch["input_ids"]
     mask = d.batch.get("attention_mask", torch.ones_like(ids)).bool()
     valid = mask[:, :-1] & mask[:, 1:]  # predict a real token from a real token
+    if "labels" in d.batch:  # prompt/response data: only the response tokens count (labels −100 elsewhere)
+        valid = valid & (d.batch["labels"][:, 1:].to(valid.device) != IGNORE_INDEX)
     logp = logits[:, :-1].float().log_softmax(-1)
     y = est.next_tokens(logp, mask, d)
     picked = logp.gather(-1, y.unsqueeze(-1).to(logp.device)).squeeze(-1)

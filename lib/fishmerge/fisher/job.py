@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from fishmerge.errors import FishmergeError
 from fishmerge.fisher.engine import FisherAccumulator
-from fishmerge.fisher.estimators import detect_head, get_estimator
+from fishmerge.fisher.estimators import detect_head, estimator_for, get_estimator
 from fishmerge.fisher.options import FisherOptions
 from fishmerge.fisher.reduce import CorruptPartials, reduce_partials
 from fishmerge.fisher.shards import Shard, complete_shards, discard_shard, partials_uri, write_partial
@@ -42,7 +42,15 @@ from fishmerge.io.checkpoint import (
     model_architecture,
     read_model_config,
 )
-from fishmerge.io.data import check_columns, data_fingerprint, encode, load_split, select_indices
+from fishmerge.io.data import (
+    check_columns,
+    data_fingerprint,
+    encode,
+    lm_fields,
+    lm_format,
+    load_split,
+    select_indices,
+)
 
 DEFAULT_STORE_ROOT = "./.fishmerge/fishers"
 
@@ -64,6 +72,7 @@ class FisherSpec:
     split: str = "train"
     text_fields: list[str] = field(default_factory=lambda: ["text"])
     label_field: str | None = "label"
+    messages_field: str | None = None  # causal LMs: a chat-style messages column (the last turn is the response)
     estimator: str = _option("estimator")
     examples: int | None = _option("examples")
     seed: int = _option("seed")
@@ -100,8 +109,11 @@ class Resolved:
         return cls(**{**d, "spec": FisherSpec(**d["spec"])})
 
 
-def fisher_id(model_fp: str, data_fp: str, spec: FisherSpec, n: int, label_field: str | None) -> str:
-    """Content address of a Fisher: what it was computed from and how, never where or on what device."""
+def fisher_id(
+    model_fp: str, data_fp: str, spec: FisherSpec, n: int, label_field: str | None, lm_format: str | None = None
+) -> str:
+    """Content address of a Fisher: what it was computed from and how, never where or on what device.
+    (`lm_format` only for causal LMs on prompt/response or chat data, so other ids stay as they were.)"""
     key = {
         "model": model_fp,
         "data": data_fp,
@@ -112,6 +124,7 @@ def fisher_id(model_fp: str, data_fp: str, spec: FisherSpec, n: int, label_field
         "text_fields": list(spec.text_fields),
         "label_field": label_field,
         "format_version": FORMAT_VERSION,
+        **({"lm_format": lm_format, "messages_field": spec.messages_field} if lm_format else {}),
     }
     return "f" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -143,6 +156,9 @@ def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAUL
     indices = select_indices(len(dataset), spec.examples, spec.seed)
     arch = model_architecture(spec.model)
     head = detect_head(arch)
+    if spec.estimator != estimator_for(spec.estimator, head):  # `auto` names the Fisher by what it stands for
+        spec = replace(spec, estimator=estimator_for(spec.estimator, head))
+    lm_fields(head, spec.text_fields, spec.messages_field)
     length = clamp_length(spec.max_length, read_model_config(spec.model), "Fisher", spec.model)
     if length != spec.max_length:
         spec = replace(spec, max_length=length)  # the length actually used names the Fisher
@@ -152,11 +168,14 @@ def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAUL
         label_field = None  # the default 'label' is only needed by estimators that use labels
     if needs_labels and not label_field:
         raise FishmergeError(f"the '{spec.estimator}' estimator needs --label-field")
-    fields = [*spec.text_fields, *([label_field] if label_field else [])]
+    text = [spec.messages_field] if spec.messages_field else list(spec.text_fields)
+    fields = [*text, *([label_field] if label_field else [])]
     check_columns(dataset.column_names, fields, "text/label")
     data_fp = data_fingerprint(dataset, indices, fields)
     model_fp = cached_model_fingerprint(spec.model)
-    fid = fisher_id(model_fp, data_fp, spec, len(indices), label_field)
+    fid = fisher_id(
+        model_fp, data_fp, spec, len(indices), label_field, lm_format(head, spec.text_fields, spec.messages_field)
+    )
     uri = storage.normalize(store) if store else storage.join(storage.normalize(store_root), f"{fid}.zarr")
     if not storage.is_remote(uri):
         for target in (uri, partials_uri(uri)):
@@ -227,6 +246,8 @@ def compute_shard(r: Resolved, shard: Shard, progress: bool = False) -> dict:
         max_length=spec.max_length,
         label2id=getattr(model.config, "label2id", None),
         regression=regression,
+        head=r.head,
+        messages_field=spec.messages_field,
     )
     names = checkpoint_names(model, checkpoint_keys(spec.model))
     device = next(model.parameters()).device

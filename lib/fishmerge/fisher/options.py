@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from fishmerge.fisher.engine import DEFAULT_MAX_MEMORY
-from fishmerge.fisher.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, get_estimator
+from fishmerge.fisher.estimators import AUTO, DEFAULT_ESTIMATOR, ESTIMATORS, get_estimator
 from fishmerge.schema import Strict, at_least
 from fishmerge.sizes import parse_size
 
@@ -19,8 +19,10 @@ class FisherOptions(Strict):
     """How a Fisher is estimated: what names it (estimator, examples, seed, max_length) and how it is
     computed (batch, dtype, memory, fallback). The device is the execution's (`--device`, `execution.device`)."""
 
-    estimator: Literal[ESTIMATORS] = Field(
-        DEFAULT_ESTIMATOR, description="; ".join(f"{n}: {get_estimator(n).description}" for n in ESTIMATORS)
+    estimator: Literal[(AUTO, *ESTIMATORS)] = Field(
+        DEFAULT_ESTIMATOR,
+        description=f"{AUTO}: {ESTIMATORS[0]} for classifiers, sampled for causal LMs; "
+        + "; ".join(f"{n}: {get_estimator(n).description}" for n in ESTIMATORS),
     )
     examples: int = Field(1000, description="N examples chosen by the seed (all if N ≥ rows)")
     seed: int = Field(0, description="seed of the example selection and of sampled labels")

@@ -13,6 +13,7 @@ import torch
 
 from fishmerge.errors import FishmergeError
 
+IGNORE_INDEX = -100  # a label position that does not count (Hugging Face's convention)
 FILE_LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -116,8 +117,16 @@ def encode(
     max_length: int,
     label2id: dict | None = None,
     regression: bool = False,
+    head: str | None = None,
+    messages_field: str | None = None,
 ) -> Encoded:
-    """Tokenize the selected rows (pairs when two text fields), right-padded to the longest ≤ max_length."""
+    """Tokenize the selected rows (pairs when two text fields), right-padded to the longest ≤ max_length.
+    A causal LM's rows go through `encode_lm` (plain text, prompt/response or chat; labels mask the prompt)."""
+    if head == "causal_lm":
+        fields = [messages_field] if messages_field else list(text_fields)
+        check_columns(dataset.column_names, fields, "text")
+        rows = dataset.select(indices)
+        return encode_lm({f: rows[f] for f in fields}, tokenizer, text_fields, messages_field, max_length, indices)
     check_columns(dataset.column_names, text_fields, "text")
     if label_field is not None:
         check_columns(dataset.column_names, [label_field], "label")
@@ -166,3 +175,117 @@ def data_fingerprint(dataset, indices: Sequence[int], fields: Sequence[str]) -> 
     for i, idx in enumerate(indices):
         h.update(json.dumps([int(idx), [str(cols[f][i]) for f in fields]]).encode())
     return "sha256:" + h.hexdigest()
+
+
+# ---- causal LMs: plain text, prompt/response pairs, chat messages -------------------------------------------
+
+
+def lm_format(head: str, text_fields: Sequence[str], messages_field: str | None) -> str | None:
+    """'pairs' or 'chat' when only a causal LM's response tokens count; None for plain text and classifiers."""
+    if head != "causal_lm":
+        return None
+    if messages_field:
+        return "chat"
+    return "pairs" if len(text_fields) == 2 else None
+
+
+def lm_fields(head: str, text_fields: Sequence[str], messages_field: str | None) -> None:
+    """Refuse data fields a causal LM (or a classifier) cannot be fed, before any work."""
+    if messages_field and head != "causal_lm":
+        raise FishmergeError(
+            f"a messages column ('{messages_field}') is for causal LMs, and this model is a {head} model: "
+            "give it text_fields instead"
+        )
+    if head == "causal_lm" and not messages_field and len(text_fields) not in (1, 2):
+        raise FishmergeError(
+            f"a causal LM's data takes one text column (plain text) or two (prompt, response), got {list(text_fields)}"
+        )
+
+
+def _chat_ids(tokenizer, messages) -> tuple[list[int], int]:
+    """Token ids of a conversation by the tokenizer's chat template, and where its last (response) turn starts."""
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            messages = None
+    ok = (
+        isinstance(messages, list)
+        and len(messages) >= 2
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+    )
+    if not ok:
+        raise FishmergeError(
+            "a messages cell must be a list of at least two {role, content} turns (the last is the response), "
+            f"got {str(messages)[:80]!r}"
+        )
+    if not getattr(tokenizer, "chat_template", None):
+        raise FishmergeError(
+            "the data has a messages column but the tokenizer has no chat template: save the model's tokenizer with "
+            "its chat_template, or give the data prompt/response text_fields"
+        )
+
+    def ids(turns, prompt: bool) -> list[int]:
+        out = tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=prompt)
+        out = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        return [int(i) for i in out]
+
+    full, prompt = ids(messages, False), ids(messages[:-1], True)
+    if full[: len(prompt)] != prompt:
+        raise FishmergeError(
+            "the chat template renders the prompt differently alone and before its response: "
+            "fishmerge cannot tell which tokens are the response; give the data prompt/response text_fields"
+        )
+    return full, len(prompt)
+
+
+def lm_token_ids(
+    tokenizer, row: dict, text_fields: Sequence[str], messages_field: str | None, max_length: int
+) -> tuple[list[int], int]:
+    """One row as (token ids, index of the first counted token), at most max_length ids.
+
+    Plain text: every token counts (the tokenizer's own truncation, as for classifiers). Prompt/response: prompt (with the tokenizer's special tokens), then the
+    response and EOS, tokenized apart (the usual SFT layout); only response tokens count. Chat: the
+    conversation by the chat template; only the last turn counts. Pairs and chats keep their first
+    max_length ids (the prompt first)."""
+    if messages_field:
+        ids, start = _chat_ids(tokenizer, row[messages_field])
+        return ids[:max_length], start
+    texts = ["" if row[f] is None else str(row[f]) for f in text_fields]
+    if len(texts) == 1:
+        return [int(i) for i in tokenizer(texts[0], truncation=True, max_length=max_length)["input_ids"]], 0
+    prompt = [int(i) for i in tokenizer(texts[0])["input_ids"]]
+    response = [int(i) for i in tokenizer(texts[1], add_special_tokens=False)["input_ids"]]
+    if tokenizer.eos_token_id is not None:
+        response.append(int(tokenizer.eos_token_id))
+    return (prompt + response)[:max_length], len(prompt)
+
+
+def encode_lm(
+    columns: dict[str, list],
+    tokenizer,
+    text_fields: Sequence[str],
+    messages_field: str | None,
+    max_length: int,
+    example_ids: Sequence[int],
+    pad_to_max: bool = False,
+) -> Encoded:
+    """Causal-LM rows right-padded to the longest (or to max_length), truncated to max_length; `labels` are
+    the input ids where a token counts (prediction target) and −100 elsewhere (prompt, padding)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise FishmergeError("the tokenizer has neither a pad nor an eos token: save it with a pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    n = len(example_ids)
+    rows = [{f: columns[f][i] for f in columns} for i in range(n)]
+    seqs = [lm_token_ids(tokenizer, r, text_fields, messages_field, max_length) for r in rows]
+    width = max_length if pad_to_max else max([len(ids) for ids, _ in seqs] + [1])
+    input_ids = torch.full((n, width), int(tokenizer.pad_token_id), dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, start) in enumerate(seqs):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention[i, : len(ids)] = 1
+        labels[i, start : len(ids)] = torch.tensor(ids[start:], dtype=torch.long)
+    check_unknown_rate(tokenizer, input_ids, attention)
+    return Encoded(input_ids=input_ids, attention_mask=attention, labels=labels, example_ids=list(example_ids))

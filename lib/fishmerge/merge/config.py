@@ -38,11 +38,24 @@ def check_tracking_uri(uri: str) -> str:
 
 
 class DataConfig(Strict):
+    """A model's task data. Classifiers: one or two text columns and a label column. Causal LMs: one text
+    column (plain text), two (prompt, response: only the response tokens count), or `messages_field`, a
+    chat-style column of {role, content} turns rendered by the tokenizer's chat template (only the last
+    turn counts); their label_field is not read."""
+
     path: str
     text_fields: list[str] = Field(default_factory=lambda: ["text"])
     label_field: str | None = "label"
+    messages_field: str | None = None
     fisher_split: str = "train"
     eval_split: str = "validation"
+
+    @field_validator("text_fields")
+    @classmethod
+    def _one_or_two(cls, v: list[str]) -> list[str]:
+        if len(v) not in (1, 2):
+            raise ValueError(f"takes one text column, or two (a pair; a causal LM's prompt and response), got {v}")
+        return v
 
 
 class ModelConfig(Strict):
@@ -81,7 +94,7 @@ class SearchConfig(Strict):
     strategy: Literal["grid", "dirichlet"] | None = None  # default: grid for 2 models, dirichlet for K > 2
     points: int = 11  # grid points, or Dirichlet samples (plus the uniform λ)
     split: str = "validation"
-    metric: str = "accuracy"
+    metric: str | None = None  # default: accuracy (classifiers), nll (causal LMs); or a scorer module:function
     limit: int | None = 500  # examples per task scored for each candidate
     seed: int = 0
     workers: int = 1  # candidates scored at once (threads, each with its own model copies)
@@ -100,7 +113,7 @@ class EvaluateConfig(Strict):
     """Evaluation of the merged models and the baselines on each task's evaluation split."""
 
     split: str | None = None  # default: each model's data.eval_split
-    metrics: list[Literal["accuracy", "f1"]] = Field(default_factory=lambda: ["accuracy", "f1"])
+    metrics: list[str] | None = None  # default: [accuracy, f1] (classifiers), [nll, perplexity] (causal LMs)
     baselines: list[Literal["originals", "isotropic", "ensemble"]] = Field(
         default_factory=lambda: ["originals", "isotropic", "ensemble"]
     )
@@ -113,7 +126,11 @@ class EvaluateConfig(Strict):
 
 
 class PromoteConfig(Strict):
-    metric: str  # e.g. rte/accuracy
+    """Promote when `metric` is better than the champion's by at least `min_delta` (in the metric's own
+    direction: higher accuracy, lower nll) and every guarded metric changed by at least its tolerance in
+    its direction (-0.01: may get worse by up to 0.01)."""
+
+    metric: str  # e.g. rte/accuracy, reviews/nll
     min_delta: float = 0.0
     guard: dict[str, float] = Field(default_factory=dict)  # metric -> allowed change (e.g. -0.01)
 
@@ -326,6 +343,7 @@ def fisher_specs(cfg: MergeConfig) -> dict[str, dict]:
             "split": m.data.fisher_split,
             "text_fields": list(m.data.text_fields),
             "label_field": m.data.label_field,
+            "messages_field": m.data.messages_field,
             **{k: getattr(cfg.fisher, k) for k in FisherOptions.model_fields},
             "device": cfg.execution.device,
         }

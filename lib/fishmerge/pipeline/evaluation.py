@@ -1,4 +1,5 @@
-"""Evaluation of merged and input models: class probabilities, classification metrics, LM perplexity.
+"""Evaluation of merged and input models: class probabilities and classification metrics; causal LMs' token
+log-likelihoods, NLL and perplexity; output ensembles of both.
 
 Batched, in eval mode under `torch.inference_mode`, on CPU or GPU. On CPU every batch is padded to
 the fixed `max_length` (dynamic shapes make CPU kernels re-plan and cost seconds per step); on GPU
@@ -181,6 +182,69 @@ def classification_metrics(probs: np.ndarray, labels, metrics: Sequence[str] = (
     return {m: METRICS[m](y, preds) for m in metrics}
 
 
+def lm_token_logprobs(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    text_fields: Sequence[str],
+    messages_field: str | None = None,
+    batch_size: int = 8,
+    max_length: int = 128,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
+    """log p(token) of every counted next token of a causal LM, row by row in order (fp64, flat).
+
+    Rows are encoded as for the Fisher (`fishmerge.io.data.encode_lm`: plain text, prompt/response or
+    chat; only response tokens count for the last two), truncated to `max_length`; token t+1 is
+    predicted from tokens ≤ t. Log-softmax in fp32. The same rows give the same positions for every
+    model with this tokenizer, so arrays of several models line up (output ensembling)."""
+    from fishmerge.io.data import encode_lm
+
+    dev = _device(device)
+    fields = [messages_field] if messages_field else list(text_fields)
+    if rows:
+        check_columns(list(rows[0]), fields, "text")
+    model.to(dev).eval()
+    out = []
+    with torch.inference_mode():
+        for s, e in _batched(len(rows), batch_size, progress, "nll"):
+            columns = {f: [r[f] for r in rows[s:e]] for f in fields}
+            enc = encode_lm(
+                columns, tokenizer, text_fields, messages_field, max_length, range(s, e), pad_to_max=dev.type == "cpu"
+            )
+            ids, mask = enc.input_ids.to(dev), enc.attention_mask.to(dev)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            keep = enc.labels[:, 1:].to(dev) != -100
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            out.append(logp[keep].double().cpu().numpy())
+    values = np.concatenate(out) if out else np.zeros(0)
+    if values.size == 0:
+        raise FishmergeError(
+            "no token to predict: every text (or response) is empty or a single token after tokenization"
+        )
+    return values
+
+
+def lm_metrics(logprobs: np.ndarray, metrics: Sequence[str] = ("nll", "perplexity")) -> dict[str, float]:
+    """nll = mean negative log-likelihood per counted token (nats); perplexity = exp(nll)."""
+    nll = float(-np.mean(logprobs))
+    values = {"nll": nll, "perplexity": math.exp(nll)}
+    unknown = [m for m in metrics if m not in values]
+    if unknown:
+        raise FishmergeError(f"unknown LM metric(s) {unknown}: valid are nll, perplexity")
+    return {m: values[m] for m in metrics}
+
+
+def ensemble_logprobs(logprob_list: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """log Σᵢ wᵢ pᵢ(token) per counted token: the output ensemble of LMs (their next-token distributions
+    averaged with weights normalised to sum 1), read at the true tokens."""
+    w = _ensemble_weights(len(logprob_list), weights)
+    mats = np.stack([np.asarray(v, dtype=np.float64) for v in logprob_list])
+    top = mats.max(axis=0)
+    return top + np.log(np.einsum("k,kn->n", w, np.exp(mats - top)))
+
+
 def perplexity(
     model,
     tokenizer,
@@ -190,28 +254,21 @@ def perplexity(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> float:
-    """exp(total next-token NLL / number of predicted tokens) of a causal LM over non-pad tokens.
+    """exp(total next-token NLL / number of predicted tokens) of a causal LM over plain texts."""
+    rows = [{"text": "" if t is None else str(t)} for t in texts]
+    values = lm_token_logprobs(model, tokenizer, rows, ["text"], None, batch_size, max_length, device, progress)
+    return lm_metrics(values, ["perplexity"])["perplexity"]
 
-    Texts are truncated to `max_length` tokens; within each text, token t+1 is predicted from
-    tokens ≤ t, so a text of L tokens contributes L-1 predictions. Log-softmax in fp32.
-    """
-    dev = _device(device)
-    texts = ["" if t is None else str(t) for t in texts]
-    model.to(dev).eval()
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for s, e in _batched(len(texts), batch_size, progress, "perplexity"):
-            batch = _tokenize(tokenizer, [texts[s:e]], max_length, dev)
-            batch.pop("token_type_ids", None)
-            logits = model(**batch).logits[:, :-1].float()
-            targets = batch["input_ids"][:, 1:]
-            keep = batch["attention_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            total -= float(logp[keep].double().sum())
-            count += int(keep.sum())
-    if count == 0:
-        raise FishmergeError("no token to predict: every text is empty or a single token after tokenization")
-    return math.exp(total / count)
+
+def _ensemble_weights(n: int, weights: Sequence[float]) -> np.ndarray:
+    if n == 0:
+        raise FishmergeError("no model outputs to ensemble")
+    if n != len(weights):
+        raise FishmergeError(f"{n} model outputs but {len(weights)} weights")
+    w = np.asarray(weights, dtype=np.float64)
+    if np.any(~np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise FishmergeError(f"ensemble weights must be finite, ≥ 0 and not all 0, got {list(weights)}")
+    return w / w.sum()
 
 
 def ensemble_probabilities(prob_list: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -219,18 +276,11 @@ def ensemble_probabilities(prob_list: Sequence[np.ndarray], weights: Sequence[fl
 
     The output ensemble a merge is compared against (same λ as the merge).
     """
-    if not prob_list:
-        raise FishmergeError("no probability matrices to ensemble")
-    if len(prob_list) != len(weights):
-        raise FishmergeError(f"{len(prob_list)} probability matrices but {len(weights)} weights")
-    w = np.asarray(weights, dtype=np.float64)
-    if np.any(~np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise FishmergeError(f"ensemble weights must be finite, ≥ 0 and not all 0, got {list(weights)}")
+    w = _ensemble_weights(len(prob_list), weights)
     mats = [np.asarray(p, dtype=np.float64) for p in prob_list]
     shapes = {m.shape for m in mats}
     if len(shapes) != 1:
         raise FishmergeError(
             f"probability matrices differ in shape {sorted(shapes)}: evaluate every model on the same rows"
         )
-    w = w / w.sum()
     return sum(wi * m for wi, m in zip(w, mats, strict=True))

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fishmerge.io import storage  # noqa: E402
 from fishmerge.merge.config import MergeConfig  # noqa: E402
+from fishmerge.pipeline.baselines import directions  # noqa: E402
 
 KINDS = ["merged", "isotropic", "originals", "ensemble"]
 
@@ -30,7 +31,9 @@ def plot_lambda_curve(searches: dict[str, dict], model_names: list[str], path: P
         else:
             ax.plot(range(len(cands)), [c["score"] for c in cands], marker="o", linestyle="", label=label)
             ax.set_xlabel("candidate (0 = uniform λ)")
-    ax.set_ylabel(f"mean {next(iter(searches.values()))['metric']} (search split)")
+    first = next(iter(searches.values()))
+    arrow = "higher" if first.get("higher_is_better", True) else "lower"
+    ax.set_ylabel(f"mean {first['metric']} (search split; {arrow} is better)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -39,7 +42,9 @@ def plot_lambda_curve(searches: dict[str, dict], model_names: list[str], path: P
     return path
 
 
-def plot_task_bars(results: dict[str, dict[str, float]], metric: str, path: Path) -> Path:
+def plot_task_bars(
+    results: dict[str, dict[str, float]], metric: str, path: Path, higher_is_better: bool = True
+) -> Path:
     """One group of bars per task: merged against each baseline, on `metric`."""
     kinds = [k for k in KINDS if results.get(k)]
     tasks = sorted({key.split("/")[0] for key in results["merged"]})
@@ -50,8 +55,9 @@ def plot_task_bars(results: dict[str, dict[str, float]], metric: str, path: Path
         bars = ax.bar([x + i * width for x in range(len(tasks))], values, width, label=kind)
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks([x + width * (len(kinds) - 1) / 2 for x in range(len(tasks))], tasks)
-    ax.set_ylabel(metric)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
+    if metric in ("accuracy", "f1"):
+        ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8, ncol=len(kinds), loc="lower center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -197,9 +203,10 @@ def write_pipeline_report(
     plots = []
     if searches:
         plots.append(str(plot_lambda_curve(searches, names, out / "lambda_curve.png")))
-    metric = cfg.evaluate.metrics[0] if cfg.evaluate else "accuracy"
+    higher = directions(cfg)
+    metric = next(iter(higher), "accuracy")
     if results.get("merged"):
-        plots.append(str(plot_task_bars(results, metric, out / "tasks.png")))
+        plots.append(str(plot_task_bars(results, metric, out / "tasks.png", higher.get(metric, True))))
     for name, uri in fishers.items():
         plots.append(plot_layer_mass(tensor_stats(uri), f"Fisher of {name}", str(out / f"fisher_mass_{name}.png")))
     decisions = tracked.get("decisions", {})

@@ -4,7 +4,8 @@ Candidates are a grid for two models (λ₁ = 0, 1/(p−1), …, 1) and Dirichle
 plus the uniform λ for more. Each candidate is merged with the same method classes the
 out-of-core executor uses (whole tensors, fp32), loaded into each target's model with its own
 head, and scored on that target's task; the candidate's score is the mean over targets. The
-first best candidate wins ties. Needs the models and Fishers in memory (search is for models
+first best candidate wins ties; best is the highest or the lowest, as the metric declares
+(accuracy: highest; a causal LM's nll: lowest). Needs the models and Fishers in memory (search is for models
 that fit; the final merge is out of core).
 """
 
@@ -22,7 +23,17 @@ from tqdm.auto import tqdm
 from fishmerge.errors import FishmergeError
 from fishmerge.merge.config import MergeConfig
 from fishmerge.merge.plan import MergePlan
-from fishmerge.pipeline.evaluation import class_probabilities, classification_metrics, label_ids, load_eval_rows
+from fishmerge.pipeline.evaluation import (
+    class_probabilities,
+    classification_metrics,
+    ensemble_logprobs,
+    ensemble_probabilities,
+    label_ids,
+    lm_metrics,
+    lm_token_logprobs,
+    load_eval_rows,
+)
+from fishmerge.pipeline.metrics import CAUSAL_LM, call_scorer, check_applies, get_metric, key_name, task_kind
 
 
 def candidates(k: int, strategy: str | None, points: int, seed: int = 0) -> list[list[float]]:
@@ -94,22 +105,33 @@ def merge_in_memory(plan: MergePlan, inputs: MergeInputs, weights: list[float], 
 
 @dataclass
 class TaskData:
-    """One target's task: its rows, labels and how to read them."""
+    """One target's task: its rows, and how to read them (labels for classifiers; for causal LMs the
+    text fields — one, or prompt and response — or a chat messages column)."""
 
     name: str
+    kind: str
     rows: list[dict]
-    labels: np.ndarray
+    labels: np.ndarray | None
     text_fields: list[str]
+    messages_field: str | None = None
 
 
-def task_data(cfg: MergeConfig, target: str, split: str | None, limit: int | None, label2id: dict | None) -> TaskData:
+def task_data(
+    cfg: MergeConfig, target: str, split: str | None, limit: int | None, label2id: dict | None, kind: str
+) -> TaskData:
     """The evaluation rows of a target's task (its `data:`), first `limit` rows of `split`."""
     m = next(m for m in cfg.models if m.name == target)
-    if m.data is None or not m.data.label_field:
-        raise FishmergeError(f"model '{target}' has no `data:` with a label_field: cannot evaluate or search λ for it")
+    if m.data is None:
+        raise FishmergeError(f"model '{target}' has no `data:`: cannot evaluate or search λ for it")
     split = split or m.data.eval_split
+    if kind == CAUSAL_LM:
+        fields = [m.data.messages_field] if m.data.messages_field else list(m.data.text_fields)
+        rows = load_eval_rows(m.data.path, split, fields, None, limit)
+        return TaskData(target, kind, rows, None, list(m.data.text_fields), m.data.messages_field)
+    if not m.data.label_field:
+        raise FishmergeError(f"model '{target}' has no `data.label_field`: cannot evaluate or search λ for it")
     rows = load_eval_rows(m.data.path, split, m.data.text_fields, m.data.label_field, limit)
-    return TaskData(target, rows, label_ids(rows, m.data.label_field, label2id), list(m.data.text_fields))
+    return TaskData(target, kind, rows, label_ids(rows, m.data.label_field, label2id), list(m.data.text_fields))
 
 
 def load_state(model: torch.nn.Module, tensors: dict[str, np.ndarray]) -> None:
@@ -124,7 +146,8 @@ def load_state(model: torch.nn.Module, tensors: dict[str, np.ndarray]) -> None:
 
 
 class Scorer:
-    """Targets' models (own heads) and tasks, ready to score merged tensors or whole models."""
+    """Targets' models (own heads) and tasks, ready to score merged tensors or whole models by `metrics`
+    (built-in names or user scorers `module:function`; keys of the results are `key_name`s)."""
 
     def __init__(
         self,
@@ -135,7 +158,9 @@ class Scorer:
         device: str,
         batch_size: int = 32,
         max_length: int = 128,
+        metrics: list[str] | None = None,
     ):
+        from fishmerge.fisher.estimators import detect_head
         from fishmerge.io.checkpoint import clamp_length, load_model
 
         self.plan = plan
@@ -143,30 +168,61 @@ class Scorer:
         for t in plan.targets:
             model, tok = load_model(plan.models[t.index].path, device=device)
             model.eval()
+            kind = task_kind(detect_head(model))
             self.models[t.name], self.tokenizers[t.name] = model, tok
-            self.tasks[t.name] = task_data(cfg, t.name, split, limit, getattr(model.config, "label2id", None))
+            label2id = getattr(model.config, "label2id", None)
+            self.tasks[t.name] = task_data(cfg, t.name, split, limit, label2id, kind)
+        self.metrics = {m: get_metric(m) for m in metrics or []}
+        for t in plan.targets:
+            for metric in self.metrics.values():
+                check_applies(metric, self.tasks[t.name].kind, t.name, "metric")
         self.device = device
         for t in plan.targets:  # the position table bounds the length for every target
             where = "λ search and evaluation"
             max_length = clamp_length(max_length, self.models[t.name].config, where, plan.models[t.index].path)
         self.batch_size, self.max_length = batch_size, max_length
 
-    def probabilities(self, target: str, model: torch.nn.Module | None = None) -> np.ndarray:
+    def outputs(self, target: str, model: torch.nn.Module | None = None) -> np.ndarray:
+        """What the built-in metrics read: class probabilities (n, C), or an LM's counted-token log-probs."""
         task = self.tasks[target]
         m = model or self.models[target]
-        return class_probabilities(
-            m,
-            self.tokenizers[target],
-            task.rows,
-            task.text_fields,
-            batch_size=self.batch_size,
-            max_length=self.max_length,
-            device=next(m.parameters()).device,
-            progress=False,
-        )
+        common = {
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "device": next(m.parameters()).device,
+            "progress": False,
+        }
+        if task.kind == CAUSAL_LM:
+            return lm_token_logprobs(
+                m, self.tokenizers[target], task.rows, task.text_fields, task.messages_field, **common
+            )
+        return class_probabilities(m, self.tokenizers[target], task.rows, task.text_fields, **common)
 
-    def metrics(self, target: str, probs: np.ndarray, names: list[str]) -> dict[str, float]:
-        return classification_metrics(probs, self.tasks[target].labels, names)
+    def from_outputs(self, target: str, outputs: np.ndarray, names: list[str]) -> dict[str, float]:
+        """Built-in metrics of one target's outputs."""
+        if self.tasks[target].kind == CAUSAL_LM:
+            return lm_metrics(outputs, names)
+        return classification_metrics(outputs, self.tasks[target].labels, names)
+
+    def score(self, target: str, names: list[str], model: torch.nn.Module | None = None) -> dict[str, float]:
+        """{key_name: value} of `names` on a target's task, by its own model (merged tensors loaded) or `model`."""
+        m = model or self.models[target]
+        builtin = [n for n in names if self.metrics[n].scorer is None]
+        out = self.from_outputs(target, self.outputs(target, m), builtin) if builtin else {}
+        task = self.tasks[target]
+        for n in names:
+            if self.metrics[n].scorer is not None:
+                out[key_name(n)] = call_scorer(self.metrics[n], m, self.tokenizers[target], task.rows)
+        return {key_name(n): out[key_name(n)] for n in names}
+
+    def ensemble(self, target: str, outputs: list[np.ndarray], names: list[str]) -> dict[str, float]:
+        """Built-in metrics of the output ensemble (equal weights) of several models' outputs on a target's
+        task; user scorers need one model, so an ensemble has none."""
+        builtin = [n for n in names if self.metrics[n].scorer is None]
+        weights = [1.0] * len(outputs)
+        if self.tasks[target].kind == CAUSAL_LM:
+            return lm_metrics(ensemble_logprobs(outputs, weights), builtin)
+        return classification_metrics(ensemble_probabilities(outputs, weights), self.tasks[target].labels, builtin)
 
     def copy(self) -> Scorer:
         other = copy.copy(self)
@@ -179,7 +235,7 @@ def score_candidate(scorer: Scorer, inputs: MergeInputs, weights: list[float], m
     per_task = {}
     for t in scorer.plan.targets:
         load_state(scorer.models[t.name], merge_in_memory(scorer.plan, inputs, weights, t.index))
-        per_task[t.name] = scorer.metrics(t.name, scorer.probabilities(t.name), [metric])[metric]
+        per_task[t.name] = scorer.score(t.name, [metric])[key_name(metric)]
     return {
         "weights": [float(w) for w in weights],
         "score": float(np.mean(list(per_task.values()))),
@@ -219,4 +275,6 @@ def search(
         results = [r for _, r in sorted(flat, key=lambda x: x[0])]
     bar.close()
     scores = [r["score"] for r in results]
-    return {"candidates": results, "best": int(np.argmax(scores)), "metric": metric}
+    higher = get_metric(metric).higher_is_better
+    best = int(np.argmax(scores)) if higher else int(np.argmin(scores))  # the first best either way
+    return {"candidates": results, "best": best, "metric": key_name(metric), "higher_is_better": higher}

@@ -33,34 +33,61 @@ def _require(metrics: Mapping[str, float], names: list[str], whose: str) -> None
         )
 
 
+def _higher_is_better(key: str, directions: Mapping[str, bool] | None) -> bool:
+    """A metric key's direction: as given (by its full key or its metric name), else a built-in's."""
+    from fishmerge.pipeline.metrics import metric_of_key
+
+    directions = directions or {}
+    name = key.rsplit("/", 1)[-1]
+    for k in (key, name):
+        if k in directions:
+            return bool(directions[k])
+    return metric_of_key(key).higher_is_better
+
+
 def decide_promotion(
     new: Mapping[str, float],
     champion: Mapping[str, float] | None,
     metric: str,
     min_delta: float = 0.0,
     guard: Mapping[str, float] | None = None,
+    directions: Mapping[str, bool] | None = None,
 ) -> tuple[bool, str]:
-    """Promote iff new[metric] ≥ champion[metric] + min_delta and, per guarded metric g with tolerance
-    tol (negative = allowed drop), new[g] − champion[g] ≥ tol. No champion: promote. Reason names the numbers."""
+    """Promote iff new[metric] is better than champion[metric] by at least min_delta and, per guarded
+    metric g with tolerance tol (negative = allowed worsening), new[g] is better than champion[g] by at
+    least tol. "Better" follows each metric's direction (`directions` {key or metric name: higher is
+    better}, else the built-in metric's: higher accuracy/f1, lower nll/perplexity). No champion: promote.
+    The reason names the numbers."""
     guard = dict(guard or {})
     _require(new, [metric, *guard], "the new model's")
+    higher = {k: _higher_is_better(k, directions) for k in [metric, *guard]}
+
+    def by(k: str) -> float:  # how much better the new value is (negative: worse)
+        return new[k] - champion[k] if higher[k] else champion[k] - new[k]
+
+    def arrow(k: str) -> str:
+        return "higher" if higher[k] else "lower"
+
     if champion is None:
         return True, f"no champion yet: promoted with {metric}={new[metric]:.6g}"
     _require(champion, [metric, *guard], "the champion's")
-    need = champion[metric] + min_delta
-    if new[metric] < need:
+    if by(metric) < min_delta:
         return False, (
-            f"{metric} {new[metric]:.6g} < champion {champion[metric]:.6g} + min_delta {min_delta:g} = {need:.6g}"
+            f"{metric} {new[metric]:.6g} vs champion {champion[metric]:.6g}: better by {by(metric):+.6g} "
+            f"< min_delta {min_delta:g} ({arrow(metric)} is better)"
         )
     held = []
     for g, tol in guard.items():
-        delta = new[g] - champion[g]
-        if delta < tol:
+        if by(g) < tol:
             return False, (
-                f"guard {g} broken: {new[g]:.6g} − champion {champion[g]:.6g} = {delta:+.6g} < tolerance {tol:+g}"
+                f"guard {g} broken: {new[g]:.6g} vs champion {champion[g]:.6g}: better by {by(g):+.6g} "
+                f"< tolerance {tol:+g} ({arrow(g)} is better)"
             )
-        held.append(f"{g} {delta:+.6g} ≥ {tol:+g}")
-    reason = f"{metric} {new[metric]:.6g} ≥ champion {champion[metric]:.6g} + min_delta {min_delta:g}"
+        held.append(f"{g} better by {by(g):+.6g} ≥ {tol:+g}")
+    reason = (
+        f"{metric} {new[metric]:.6g} vs champion {champion[metric]:.6g}: better by {by(metric):+.6g} "
+        f"≥ min_delta {min_delta:g} ({arrow(metric)} is better)"
+    )
     return True, reason + (f"; guards held: {', '.join(held)}" if held else "")
 
 
@@ -82,11 +109,18 @@ def _policy(policy: Any, key: str, default: Any) -> Any:
     return getattr(policy, key, default)
 
 
-def apply_promotion(name: str, version: str | int, metrics: Mapping[str, float], policy: Any) -> dict:
+def apply_promotion(
+    name: str,
+    version: str | int,
+    metrics: Mapping[str, float],
+    policy: Any,
+    directions: Mapping[str, bool] | None = None,
+) -> dict:
     """Record `metrics` on the version (tags metric.<name>), compare with the champion's tags, move
     `champion` only when promoting, and tag the version with the decision, reason and champion before.
 
     policy: a mapping or object with `metric`, `min_delta` (default 0) and `guard` ({metric: tolerance}).
+    directions: {metric key or name: higher is better} for metrics that are not built in (user scorers).
     """
     client = MlflowClient()
     version = str(version)
@@ -115,7 +149,7 @@ def apply_promotion(name: str, version: str | int, metrics: Mapping[str, float],
         promote_it, decision, reason = False, "already_champion", f"version {version} is already the champion"
     else:
         champ = _metrics_of(model_version(name, before).tags) if before else None
-        promote_it, reason = decide_promotion(dict(metrics), champ, metric, min_delta, guard)
+        promote_it, reason = decide_promotion(dict(metrics), champ, metric, min_delta, guard, directions)
         decision = "promoted" if promote_it else "rejected"
         if promote_it:
             client.set_registered_model_alias(name, CHAMPION, version)

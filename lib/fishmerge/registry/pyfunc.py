@@ -1,4 +1,5 @@
-"""The pyfunc served for a registered merged model: a Hugging Face classifier in artifact `model_dir`.
+"""The pyfunc served for a registered merged model: a Hugging Face classifier or causal LM in artifact
+`model_dir`.
 
 Pickled by value (this module imports nothing of fishmerge): loading needs mlflow, torch,
 transformers and pandas, not fishmerge.
@@ -15,20 +16,30 @@ import pandas as pd
 
 
 class FishmergeHFModel(mlflow.pyfunc.PythonModel):
-    """Pyfunc over a Hugging Face sequence classifier stored as artifact `model_dir` (safetensors).
+    """Pyfunc over a Hugging Face model stored as artifact `model_dir` (safetensors): a sequence
+    classifier predicts label names, a causal LM generates text.
 
-    predict: a DataFrame with column `text` (and optional `text_b` for pairs), or a list of strings
-    → the predicted label names (config.id2label). Pickled by value: loading needs mlflow, torch,
-    transformers and pandas, not fishmerge.
+    Classifier predict: a DataFrame with column `text` (and optional `text_b` for pairs), or a list of
+    strings → the predicted label names (config.id2label).
+    Causal LM predict: a DataFrame with column `prompt` (or `text`), or a list of strings → each
+    prompt's continuation (greedy, up to `max_new_tokens` of the model_config, default 32; prompts
+    rendered by the tokenizer's chat template when model_config `chat` is true).
+    Pickled by value: loading needs mlflow, torch, transformers and pandas, not fishmerge.
     """
 
     def load_context(self, context) -> None:
+        import json
+        from pathlib import Path
+
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         path = context.artifacts["model_dir"]
+        archs = json.loads((Path(path) / "config.json").read_text()).get("architectures") or [""]
+        self.generates = archs[0].endswith(("ForCausalLM", "LMHeadModel"))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+        auto = AutoModelForCausalLM if self.generates else AutoModelForSequenceClassification
+        self.model = auto.from_pretrained(path, use_safetensors=True)
         self.model.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
@@ -37,10 +48,12 @@ class FishmergeHFModel(mlflow.pyfunc.PythonModel):
         limit = getattr(self.model.config, "max_position_embeddings", None) or 512
         self.max_length = min(int(conf.get("max_length", 128)), int(limit))
         self.batch_size = int(conf.get("batch_size", 32))
+        self.max_new_tokens = int(conf.get("max_new_tokens", 32))
+        self.chat = bool(conf.get("chat", False))
         self.padding = "max_length" if self.device == "cpu" else True  # fixed shapes on CPU: no re-planning
 
     @staticmethod
-    def _columns(model_input) -> tuple[list[str], list[str] | None]:
+    def _columns(model_input, first: str = "text") -> tuple[list[str], list[str] | None]:
         import pandas as pd
 
         if isinstance(model_input, str):
@@ -48,13 +61,15 @@ class FishmergeHFModel(mlflow.pyfunc.PythonModel):
         if isinstance(model_input, dict):
             model_input = pd.DataFrame(model_input)
         if isinstance(model_input, pd.DataFrame):
-            if "text" in model_input.columns:
+            if first in model_input.columns:
+                text = model_input[first]
+            elif "text" in model_input.columns:
                 text = model_input["text"]
             elif model_input.shape[1] == 1:
                 text = model_input.iloc[:, 0]
             else:
                 raise ValueError(
-                    f"input needs a 'text' column (and optional 'text_b'), got {list(model_input.columns)}"
+                    f"input needs a '{first}' column (or 'text'; 'text_b' for pairs), got {list(model_input.columns)}"
                 )
             pair = model_input["text_b"] if "text_b" in model_input.columns else None
         else:
@@ -64,6 +79,8 @@ class FishmergeHFModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
         # (the DataFrame hint only silences MLflow's signature inference: lists and dicts are accepted too)
+        if self.generates:
+            return self._generate(self._columns(model_input, "prompt")[0])
         import torch
 
         text, pair = self._columns(model_input)
@@ -78,6 +95,28 @@ class FishmergeHFModel(mlflow.pyfunc.PythonModel):
                 enc = {k: v.to(self.device) for k, v in enc.items()}
                 ids = self.model(**enc).logits.argmax(-1).tolist()
                 out.extend(str(id2label.get(i, id2label.get(str(i), i))) for i in ids)
+        return out
+
+    def _generate(self, prompts: list[str]) -> list[str]:
+        """Greedy continuations, one prompt at a time (no padding: exact, and prompts of any length)."""
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for prompt in prompts:
+                if self.chat and getattr(self.tokenizer, "chat_template", None):
+                    prompt = self.tokenizer.apply_chat_template(
+                        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                    )
+                enc = self.tokenizer(prompt, truncation=True, max_length=self.max_length, return_tensors="pt")
+                enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+                ids = self.model.generate(
+                    **enc,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+                out.append(self.tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
         return out
 
 

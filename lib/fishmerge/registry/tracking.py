@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from fishmerge import registry
 from fishmerge.merge.config import MergeConfig
 from fishmerge.merge.plan import MergePlan
+from fishmerge.pipeline.baselines import directions
 
 
 def registered_name(cfg: MergeConfig, target: str) -> str:
@@ -32,6 +33,16 @@ def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
         if kind != "merged":
             out.update({f"{kind}/{k}": v for k, v in values.items()})
     return out
+
+
+def serving_config(cfg: MergeConfig, target: str) -> dict:
+    """What the registered pyfunc reads: the evaluation's max_length; for a causal LM trained on chat data,
+    prompts rendered by the chat template."""
+    data = next(m.data for m in cfg.models if m.name == target)
+    return {
+        "max_length": cfg.evaluate.max_length if cfg.evaluate else 128,
+        "chat": bool(data and data.messages_field),
+    }
 
 
 def log_pipeline_run(
@@ -94,9 +105,11 @@ def log_pipeline_run(
             mlflow.log_artifact(str(Path(d) / "fishmerge.json"), artifact_path=f"lineage/{t}")
         if cfg.register:
             metrics = flat_metrics(results)
+            higher = directions(cfg)
+            first = next(iter(higher), None)  # the first evaluated metric (accuracy; a causal LM's nll)
             for t in plan.targets:
-                # Default policy: the target's own task accuracy must not drop.
-                policy = cfg.register.promote or {"metric": f"{t.name}/accuracy", "min_delta": 0.0, "guard": {}}
+                # Default policy: the target's own task must not get worse by the first evaluated metric.
+                policy = cfg.register.promote or {"metric": f"{t.name}/{first}", "min_delta": 0.0, "guard": {}}
                 name = registered_name(cfg, t.name)
                 version, created = registry.register_model_dir(
                     merged_dirs[t.name],
@@ -104,12 +117,13 @@ def log_pipeline_run(
                     run.info.run_id,
                     lineage_of(plan, t.name),
                     tags={**tags, "fishmerge.target": t.name},
+                    model_config=serving_config(cfg, t.name),
                 )
                 if created:
-                    decisions[name] = registry.apply_promotion(name, version, metrics, policy)
+                    decisions[name] = registry.apply_promotion(name, version, metrics, policy, higher)
                 elif not registry.is_decided(name, version):  # a killed run registered it but did not decide
                     registry.resume_registration(name, version)
-                    decisions[name] = registry.apply_promotion(name, version, metrics, policy)
+                    decisions[name] = registry.apply_promotion(name, version, metrics, policy, higher)
                 else:
                     decisions[name] = {
                         "version": version,
