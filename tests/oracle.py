@@ -18,7 +18,8 @@ def _draw(probs: torch.Tensor, u: float) -> int:
 
 
 def naive_fisher(model, examples, estimator: str, head: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """examples: list of dicts with 'input_ids' (list[int]), optional 'label', and 'id'."""
+    """examples: list of dicts with 'input_ids' (list[int]), optional 'label', and 'id'; a causal LM's
+    optional 'response_start': the index of the first token that counts (the prompt's are masked by hand)."""
     model.eval()
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     fisher = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
@@ -63,7 +64,8 @@ def naive_fisher(model, examples, estimator: str, head: str, seed: int = 0) -> d
             else:
                 u = example_noise(seed, [eid], len(ex["input_ids"]))[0]
                 ys = [_draw(logp[t].detach().exp(), float(u[t])) for t in range(logp.shape[0])]
-            add(sum(logp[t, y] for t, y in enumerate(ys)), 1.0, False)
+            start = ex.get("response_start", 0)  # prompt/response: only targets at index ≥ start count
+            add(sum(logp[t, y] for t, y in enumerate(ys) if t + 1 >= start), 1.0, False)
         elif head == "token_classification":
             logp = torch.log_softmax(logits, -1)
             if estimator == "empirical":
