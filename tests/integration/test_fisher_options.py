@@ -40,6 +40,7 @@ def test_spec_defaults_are_the_options_defaults() -> None:
         "dtype",
         "max_memory",
         "fallback",
+        "messages_field",  # appended (issue 13): the earlier fields keep their order
     ]
 
 
@@ -49,7 +50,9 @@ def test_spec_round_trips_and_the_fisher_id_is_unchanged() -> None:
     r = Resolved(spec, "fid", "mfp", "dfp", "sequence_classification", "label", [0, 2], "/tmp/s.zarr")
     assert Resolved.from_dict(r.to_dict()) == r
     # ids computed by fishmerge before the options moved to one definition: stores stay addressable
-    assert fisher_id("sha256:model", "sha256:data", spec, 1000, "label") == "ffce1be0da136fee6fb361aea"
+    # (`resolve` names a Fisher by what `auto` stands for: a classifier's default is `exact`, as before)
+    exact = FisherSpec(model="m", data="d", estimator="exact")
+    assert fisher_id("sha256:model", "sha256:data", exact, 1000, "label") == "ffce1be0da136fee6fb361aea"
     other = FisherSpec(model="m", data="d", estimator="sampled", seed=3, max_length=64, text_fields=["a", "b"])
     assert fisher_id("sha256:model", "sha256:data", other, 17, None) == "f43c758f554f3453a6d7dc50a"
 
@@ -62,7 +65,7 @@ def test_spec_round_trips_and_the_fisher_id_is_unchanged() -> None:
         ({"examples": 0}, "--examples must be ≥ 1, got 0"),
         ({"max_memory": 0}, "--max-memory must be ≥ 1, got 0"),
         ({"max_memory": "lots"}, "--max-memory: not a size: 'lots'"),
-        ({"estimator": "fancy"}, "--estimator: input should be 'exact', 'sampled' or 'empirical', got 'fancy'"),
+        ({"estimator": "fancy"}, "--estimator: input should be 'auto', 'exact', 'sampled' or 'empirical', got 'fancy'"),
         ({"batch_size": 2.5}, "--batch-size: input should be a valid integer"),
         ({"dtype": "int8"}, "--dtype: input should be"),
     ],
@@ -95,8 +98,8 @@ def test_fisher_flags_come_from_the_options() -> None:
         assert info.description.split(" ")[0] in action.help
         if typing.get_origin(info.annotation) is typing.Literal:
             assert list(action.choices) == list(typing.get_args(info.annotation))
-    assert list(flags["estimator"].choices) == list(ESTIMATORS)
-    assert "(default: exact)" in help_text and "(default: 16)" in help_text
+    assert list(flags["estimator"].choices) == ["auto", *ESTIMATORS]
+    assert "(default: auto)" in help_text and "(default: 16)" in help_text
     args = f.parse_args(["--model", "m", "--data", "d", "--max-memory", "256MB", "--examples", "7"])
     assert args.max_memory == 256 * 10**6 and args.examples == 7
     assert f.parse_args(["--model", "m", "--data", "d"]).max_memory == FisherOptions.model_fields["max_memory"].default
@@ -135,7 +138,7 @@ def test_estimators_are_a_registry() -> None:
     from fishmerge.merge.config import FisherSection
 
     assert ESTIMATORS == ("exact", "sampled", "empirical")
-    assert typing.get_args(FisherSection.model_fields["estimator"].annotation) == ESTIMATORS
+    assert typing.get_args(FisherSection.model_fields["estimator"].annotation) == ("auto", *ESTIMATORS)
     assert [n for n in ESTIMATORS if get_estimator(n).uses_labels] == ["empirical"]
     with pytest.raises(FishmergeError, match="unknown estimator 'fancy': choose one of exact, sampled, empirical"):
         get_estimator("fancy")

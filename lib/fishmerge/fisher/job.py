@@ -72,7 +72,6 @@ class FisherSpec:
     split: str = "train"
     text_fields: list[str] = field(default_factory=lambda: ["text"])
     label_field: str | None = "label"
-    messages_field: str | None = None  # causal LMs: a chat-style messages column (the last turn is the response)
     estimator: str = _option("estimator")
     examples: int | None = _option("examples")
     seed: int = _option("seed")
@@ -82,6 +81,7 @@ class FisherSpec:
     dtype: str = _option("dtype")
     max_memory: int = _option("max_memory")
     fallback: str = _option("fallback")
+    messages_field: str | None = None  # causal LMs: a chat-style messages column (the last turn is the response)
 
 
 @dataclass

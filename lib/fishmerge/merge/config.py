@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, field_vali
 from fishmerge.errors import FishmergeError
 from fishmerge.fisher.options import FisherOptions
 from fishmerge.merge.methods import METHODS, get_method, params_in_section
+from fishmerge.pipeline.metrics import check_metric_name
 from fishmerge.schema import Strict, at_least
 from fishmerge.sizes import parse_size
 
@@ -88,6 +89,13 @@ class _FisherSection(FisherOptions):
 FisherSection = create_model("FisherSection", __base__=_FisherSection, **params_in_section("fisher"))
 
 
+def _metric_name(spec: str) -> str:
+    try:
+        return check_metric_name(spec)
+    except FishmergeError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class SearchConfig(Strict):
     """λ search on validation data: a grid for 2 models, Dirichlet samples for more."""
 
@@ -108,6 +116,11 @@ class SearchConfig(Strict):
 
     _counts = at_least(1, "limit", "workers")
 
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str | None) -> str | None:
+        return v if v is None else _metric_name(v)
+
 
 class EvaluateConfig(Strict):
     """Evaluation of the merged models and the baselines on each task's evaluation split."""
@@ -123,6 +136,13 @@ class EvaluateConfig(Strict):
 
     _counts = at_least(1, "limit", "batch_size")
     _length = at_least(2, "max_length")
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("lists no metric: name at least one, or leave it out for the defaults")
+        return v if v is None else [_metric_name(m) for m in v]
 
 
 class PromoteConfig(Strict):

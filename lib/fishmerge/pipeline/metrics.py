@@ -80,17 +80,24 @@ def key_name(spec: str) -> str:
     return spec.replace(":", ".")
 
 
-def get_metric(spec: str) -> Metric:
-    """The metric a config names: a built-in, or a user scorer `module:function` (imported and checked now,
-    before any work, so a typo or a scorer without a direction fails in one line)."""
+def check_metric_name(spec: str) -> str:
+    """A built-in metric's name or a `module:function` spelling (nothing imported: the config's check)."""
     if spec in BUILTIN:
-        return BUILTIN[spec]
+        return spec
     if ":" not in spec:
         raise FishmergeError(
             f"unknown metric '{spec}': use {', '.join(BUILTIN)}, or a scorer of your own as module:function"
         )
     if not _SPEC.match(spec):
         raise FishmergeError(f"metric '{spec}' is not module:function (e.g. my_scorers:keyword_rate)")
+    return spec
+
+
+def get_metric(spec: str) -> Metric:
+    """The metric a config names: a built-in, or a user scorer `module:function` (imported and checked now,
+    before any work, so a typo or a scorer without a direction fails in one line)."""
+    if check_metric_name(spec) in BUILTIN:
+        return BUILTIN[spec]
     module_name, fn_name = spec.split(":")
     try:
         module = importlib.import_module(module_name)

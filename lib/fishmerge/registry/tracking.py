@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from fishmerge import registry
 from fishmerge.merge.config import MergeConfig
 from fishmerge.merge.plan import MergePlan
-from fishmerge.pipeline.baselines import directions
+from fishmerge.pipeline.baselines import DEFAULT_METRICS, directions, task_kinds
 
 
 def registered_name(cfg: MergeConfig, target: str) -> str:
@@ -107,9 +107,11 @@ def log_pipeline_run(
             metrics = flat_metrics(results)
             higher = directions(cfg)
             first = next(iter(higher), None)  # the first evaluated metric (accuracy; a causal LM's nll)
+            kinds = task_kinds(cfg) if first is None else {}
             for t in plan.targets:
                 # Default policy: the target's own task must not get worse by the first evaluated metric.
-                policy = cfg.register.promote or {"metric": f"{t.name}/{first}", "min_delta": 0.0, "guard": {}}
+                metric = first or DEFAULT_METRICS[kinds[t.name]][0]
+                policy = cfg.register.promote or {"metric": f"{t.name}/{metric}", "min_delta": 0.0, "guard": {}}
                 name = registered_name(cfg, t.name)
                 version, created = registry.register_model_dir(
                     merged_dirs[t.name],
