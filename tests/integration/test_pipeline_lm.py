@@ -255,6 +255,12 @@ def test_lm_registered_served_and_rerun_registers_nothing(ws, first, capsys) -> 
     assert run.data.metrics["a/nll"] == result["results"]["merged"]["a/nll"]
     assert "ensemble/a/perplexity" in run.data.metrics
 
+    report = (Path(result["output"]) / "report.md").read_text()
+    assert "| a/nll ↓ |" in report and "| nll ↓ |" in report and "lower is better" in report
+    row = next(line for line in report.splitlines() if line.startswith("| a/nll ↓ |"))
+    best = min(v["a/nll"] for v in result["results"].values() if "a/nll" in v)
+    assert f"**{best:.4f}**" in row  # the lowest NLL of the row is the one in bold
+
     capsys.readouterr()
     assert main(["run", str(first["cfg"]), "--no-progress"]) == 0
     err = capsys.readouterr().err

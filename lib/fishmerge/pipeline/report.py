@@ -65,22 +65,40 @@ def plot_task_bars(
     return path
 
 
-def results_table(results: dict[str, dict[str, float]]) -> str:
-    """Markdown table: each task/metric × merged and baselines (a note when nothing was evaluated)."""
+def results_table(results: dict[str, dict[str, float]], higher: dict[str, bool] | None = None) -> str:
+    """Markdown table: each task/metric × merged and baselines, the best of each row in bold by the
+    metric's direction (`higher`: {metric name: higher is better}); a note when nothing was evaluated."""
     if not results.get("merged"):
         return "Not evaluated (the config has no `evaluate:`)."
+    higher = higher or {}
     kinds = [k for k in KINDS if results.get(k)]
     keys = sorted(results["merged"])
     lines = ["| task/metric | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for key in keys:
-        cells = [f"{results[k][key]:.4f}" if key in results[k] else "—" for k in kinds]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        name = key.rsplit("/", 1)[-1]
+        up = higher.get(name, True)
+        values = [results[k][key] for k in kinds if key in results[k]]
+        best = (max if up else min)(values)
+        cells = [
+            (
+                "—"
+                if key not in results[k]
+                else f"**{results[k][key]:.4f}**"
+                if results[k][key] == best
+                else f"{results[k][key]:.4f}"
+            )
+            for k in kinds
+        ]
+        arrow = "↑" if up else "↓"
+        lines.append(f"| {key} {arrow} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n↑ higher is better, ↓ lower is better; the best of each row in bold."
 
 
 def candidates_table(search: dict, model_names: list[str]) -> str:
     lines = [
-        "| # | " + " | ".join(f"λ {n}" for n in model_names) + f" | {search['metric']} |",
+        "| # | "
+        + " | ".join(f"λ {n}" for n in model_names)
+        + f" | {search['metric']} {'↑' if search.get('higher_is_better', True) else '↓'} |",
         "|---" * (len(model_names) + 2) + "|",
     ]
     for i, c in enumerate(search["candidates"]):
@@ -99,6 +117,7 @@ def report_markdown(
     decisions: dict[str, dict],
     outputs: dict[str, str],
     plots: list[str],
+    higher: dict[str, bool] | None = None,
 ) -> str:
     """The pipeline run as one page: chosen λ, the results table, promotion decisions, candidates."""
     lam = ", ".join(f"{n}={w:.3f}" for n, w in zip(model_names, weights))
@@ -117,7 +136,7 @@ def report_markdown(
 Method **{method}**, chosen λ: {lam}.
 
 ## Results
-{results_table(results)}
+{results_table(results, higher)}
 
 ## Registry and promotion
 | registered model | version | decision | reason |
@@ -210,7 +229,7 @@ def write_pipeline_report(
     for name, uri in fishers.items():
         plots.append(plot_layer_mass(tensor_stats(uri), f"Fisher of {name}", str(out / f"fisher_mass_{name}.png")))
     decisions = tracked.get("decisions", {})
-    md = report_markdown(cfg.name, cfg.method, names, weights, results, searches, decisions, merged_dirs, plots)
+    md = report_markdown(cfg.name, cfg.method, names, weights, results, searches, decisions, merged_dirs, plots, higher)
     (out / "report.md").write_text(md)
     summary = {
         "name": cfg.name,
