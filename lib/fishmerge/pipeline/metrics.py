@@ -34,6 +34,7 @@ class Metric:
     task: str | None
     scorer: Callable | None = None
     spec: str | None = None  # `module:function` of a user scorer
+    bounded: bool = False  # always within [0, 1] (plots share that axis)
 
     def better(self, a: float, b: float) -> bool:
         """a strictly better than b."""
@@ -49,8 +50,8 @@ class Metric:
 
 
 BUILTIN: dict[str, Metric] = {
-    "accuracy": Metric("accuracy", True, CLASSIFICATION),
-    "f1": Metric("f1", True, CLASSIFICATION),
+    "accuracy": Metric("accuracy", True, CLASSIFICATION, bounded=True),
+    "f1": Metric("f1", True, CLASSIFICATION, bounded=True),
     "nll": Metric("nll", False, CAUSAL_LM),
     "perplexity": Metric("perplexity", False, CAUSAL_LM),
 }

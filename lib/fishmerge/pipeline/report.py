@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fishmerge.io import storage  # noqa: E402
 from fishmerge.merge.config import MergeConfig  # noqa: E402
 from fishmerge.pipeline.baselines import directions  # noqa: E402
+from fishmerge.pipeline.metrics import BUILTIN  # noqa: E402
 
 KINDS = ["merged", "isotropic", "originals", "ensemble"]
 
@@ -56,7 +57,7 @@ def plot_task_bars(
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks([x + width * (len(kinds) - 1) / 2 for x in range(len(tasks))], tasks)
     ax.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
-    if metric in ("accuracy", "f1"):
+    if metric in BUILTIN and BUILTIN[metric].bounded:
         ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8, ncol=len(kinds), loc="lower center")
     fig.tight_layout()
