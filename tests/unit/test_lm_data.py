@@ -134,3 +134,46 @@ def test_auto_estimator_and_exact_for_lms() -> None:
     assert estimator_for("empirical", "causal_lm") == "empirical"
     with pytest.raises(FishmergeError, match="'exact' over a causal LM's vocabulary is intractable"):
         estimator_for("exact", "causal_lm")
+
+
+def test_engine_default_estimator_is_auto() -> None:
+    from fishmerge.fisher.engine import FisherAccumulator
+
+    with FisherAccumulator(build("llama-lm", seed=1)) as acc:
+        assert acc.estimator == "sampled"
+    with FisherAccumulator(build("bert-cls", seed=1)) as acc:
+        assert acc.estimator == "exact"
+
+
+def test_non_finite_lm_outputs_are_never_scored() -> None:
+    tok = tokenizer()
+    model = build("llama-lm", seed=2)
+    with torch.no_grad():
+        model.lm_head.weight[5] = float("nan")
+    with pytest.raises(FishmergeError, match=r"NaN/Inf logits on row\(s\) \[0, 1"):
+        lm_token_logprobs(model, tok, pairs(3, seed=4), ["prompt", "response"], None, 2, 12, progress=False)
+    with pytest.raises(FishmergeError, match="perplexity overflows"):
+        lm_metrics(np.array([-800.0]))
+    assert lm_metrics(np.array([-800.0]), ["nll"]) == {"nll": 800.0}
+
+
+def test_pairs_fisher_id_follows_the_tokenizer(tmp_path) -> None:
+    """Prompt/response masks depend on the tokenizer (special tokens, chat template): a changed tokenizer is
+    another Fisher; plain text keeps the id it always had."""
+    import json
+
+    from fishmerge.fisher.job import FisherSpec, resolve
+
+    from tests.conftest import save_model_dir, write_csv
+
+    model = save_model_dir(tmp_path / "lm", "llama-lm")
+    data = write_csv(tmp_path / "pairs.csv", pairs(6, seed=5))
+    spec = FisherSpec(model=str(model), data=str(data), text_fields=["prompt", "response"], examples=4)
+    plain = FisherSpec(model=str(model), data=str(data), text_fields=["response"], examples=4)
+    before, before_plain = resolve(spec, None, str(tmp_path / "f")), resolve(plain, None, str(tmp_path / "f"))
+    assert before.spec.estimator == "sampled"
+    config = tmp_path / "lm" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHAT_TEMPLATE}))
+    after, after_plain = resolve(spec, None, str(tmp_path / "f")), resolve(plain, None, str(tmp_path / "f"))
+    assert after.fisher_id != before.fisher_id
+    assert after_plain.fisher_id == before_plain.fisher_id

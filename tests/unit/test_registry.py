@@ -313,3 +313,11 @@ def test_bad_model_dir(store, tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FishmergeError, match="no .safetensors weights"):
         register(tmp_path / "empty", "x")
+
+
+def test_non_finite_metrics_are_never_promoted() -> None:
+    ok, reason = decide_promotion({"lm/nll": float("nan")}, {"lm/nll": 2.0}, "lm/nll")
+    assert not ok and "not finite" in reason
+    assert decide_promotion({"lm/nll": 2.0}, {"lm/nll": float("inf")}, "lm/nll")[0]  # any finite NLL beats Inf
+    ok, reason = decide_promotion({"lm/nll": 2.0}, {"lm/nll": float("nan")}, "lm/nll")
+    assert ok and "champion's lm/nll is NaN" in reason

@@ -41,6 +41,7 @@ from fishmerge.io.checkpoint import (
     load_model,
     model_architecture,
     read_model_config,
+    tokenizer_fingerprint,
 )
 from fishmerge.io.data import (
     check_columns,
@@ -110,7 +111,13 @@ class Resolved:
 
 
 def fisher_id(
-    model_fp: str, data_fp: str, spec: FisherSpec, n: int, label_field: str | None, lm_format: str | None = None
+    model_fp: str,
+    data_fp: str,
+    spec: FisherSpec,
+    n: int,
+    label_field: str | None,
+    lm_format: str | None = None,
+    tokenizer_fp: str | None = None,
 ) -> str:
     """Content address of a Fisher: what it was computed from and how, never where or on what device.
     (`lm_format` only for causal LMs on prompt/response or chat data, so other ids stay as they were.)"""
@@ -124,7 +131,11 @@ def fisher_id(
         "text_fields": list(spec.text_fields),
         "label_field": label_field,
         "format_version": FORMAT_VERSION,
-        **({"lm_format": lm_format, "messages_field": spec.messages_field} if lm_format else {}),
+        **(
+            {"lm_format": lm_format, "messages_field": spec.messages_field, "tokenizer": tokenizer_fp}
+            if lm_format
+            else {}
+        ),
     }
     return "f" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -173,9 +184,9 @@ def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAUL
     check_columns(dataset.column_names, fields, "text/label")
     data_fp = data_fingerprint(dataset, indices, fields)
     model_fp = cached_model_fingerprint(spec.model)
-    fid = fisher_id(
-        model_fp, data_fp, spec, len(indices), label_field, lm_format(head, spec.text_fields, spec.messages_field)
-    )
+    layout = lm_format(head, spec.text_fields, spec.messages_field)  # pairs/chat: the tokenizer decides the mask
+    tok_fp = tokenizer_fingerprint(spec.model) if layout else None
+    fid = fisher_id(model_fp, data_fp, spec, len(indices), label_field, layout, tok_fp)
     uri = storage.normalize(store) if store else storage.join(storage.normalize(store_root), f"{fid}.zarr")
     if not storage.is_remote(uri):
         for target in (uri, partials_uri(uri)):

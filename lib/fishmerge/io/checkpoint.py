@@ -30,6 +30,22 @@ TOKENIZER_FILES = (
 )  # fmt: skip
 
 
+TOKENIZER_SETTINGS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+
+
+def tokenizer_fingerprint(model_dir: str | Path) -> str:
+    """Content hash of a model folder's tokenizer files (vocabulary, special tokens, chat template): what
+    decides a causal LM's token ids and which of them are the response. The weights' fingerprint does not
+    cover them."""
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    for name in sorted(TOKENIZER_FILES + TOKENIZER_SETTINGS):
+        f = d / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return "sha256:" + h.hexdigest()
+
+
 def safetensors_files(model_dir: str | Path) -> list[Path]:
     """The checkpoint's .safetensors files, or a clear error naming what is there instead."""
     d = Path(model_dir)

@@ -226,7 +226,13 @@ def _chat_ids(tokenizer, messages) -> tuple[list[int], int]:
         )
 
     def ids(turns, prompt: bool) -> list[int]:
-        out = tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=prompt)
+        try:
+            out = tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=prompt)
+        except Exception as exc:  # jinja TemplateError, or the template's own raise_exception
+            raise FishmergeError(
+                f"the tokenizer's chat template fails on a conversation of {len(turns)} turn(s): {exc}; fix the "
+                "messages (roles, order) or the template"
+            ) from None
         out = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
         return [int(i) for i in out]
 

@@ -181,7 +181,7 @@ def check_task_data(cfg: MergeConfig) -> None:
                 raise FishmergeError(f"{exc}; fix `data:` of model '{m.name}'") from None
 
 
-def check_scorers(cfg: MergeConfig, device: str = "cpu") -> None:
+def check_scorers(cfg: MergeConfig) -> None:
     """Call each user scorer once, on the first target's own model and two rows of its search (or
     evaluation) split, so a scorer that raises or returns no finite number fails before any work."""
     from fishmerge.io.checkpoint import load_model
@@ -195,7 +195,7 @@ def check_scorers(cfg: MergeConfig, device: str = "cpu") -> None:
         return
     target = cfg.target_names[0]
     path = next(m.path for m in cfg.models if m.name == target)
-    model, tok = load_model(path, device=device)
+    model, tok = load_model(path, device=cfg.execution.device)
     model.eval()
     split = (cfg.search.split if cfg.search else None) or (cfg.evaluate.split if cfg.evaluate else None)
     label2id = getattr(model.config, "label2id", None)
@@ -239,8 +239,17 @@ def cached(key: str, compute, root: str = CACHE_ROOT):
 
 
 def data_fingerprints(scorer: Scorer) -> dict[str, str]:
-    """Hashes of the rows each task is scored on (cache keys change when the data does)."""
-    return {
+    """Hashes of the rows each task is scored on and of how they are scored (cache keys change when the
+    data does, a causal LM's tokenizer — it decides the tokens and the response mask —, or a scorer's code)."""
+    from fishmerge.io.checkpoint import tokenizer_fingerprint
+    from fishmerge.pipeline.metrics import CAUSAL_LM, scorer_fingerprint
+
+    paths = {t.name: scorer.plan.models[t.index].path for t in scorer.plan.targets}
+    how = {
+        "scorers": {m: scorer_fingerprint(metric) for m, metric in scorer.metrics.items() if metric.scorer},
+        "tokenizers": {n: tokenizer_fingerprint(paths[n]) for n, t in scorer.tasks.items() if t.kind == CAUSAL_LM},
+    }
+    out = {
         name: hashlib.sha256(
             json.dumps(
                 [
@@ -255,6 +264,9 @@ def data_fingerprints(scorer: Scorer) -> dict[str, str]:
         ).hexdigest()[:20]
         for name, task in scorer.tasks.items()
     }
+    if how["scorers"] or how["tokenizers"]:
+        out["scoring"] = json.dumps(how, sort_keys=True)
+    return out
 
 
 def cached_search(cfg: MergeConfig, fishers: dict[str, str], method: str | None = None) -> dict:

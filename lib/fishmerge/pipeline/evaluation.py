@@ -216,7 +216,15 @@ def lm_token_logprobs(
             ids, mask = enc.input_ids.to(dev), enc.attention_mask.to(dev)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             keep = enc.labels[:, 1:].to(dev) != -100
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            bad = ~torch.isfinite(logits).all(-1) & keep
+            if bool(bad.any()):
+                rows_bad = sorted({s + int(i) for i in torch.nonzero(bad)[:, 0].tolist()})
+                raise FishmergeError(
+                    f"the model gives NaN/Inf logits on row(s) {rows_bad[:10]}: its weights or dtype overflow "
+                    "(try dtype float32); a model with non-finite outputs is never scored"
+                )
+            # log p(token) = logit − logsumexp: no second (B, T, V) tensor for a log-softmax
+            logp = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
             out.append(logp[keep].double().cpu().numpy())
     values = np.concatenate(out) if out else np.zeros(0)
     if values.size == 0:
@@ -228,11 +236,17 @@ def lm_token_logprobs(
 
 def lm_metrics(logprobs: np.ndarray, metrics: Sequence[str] = ("nll", "perplexity")) -> dict[str, float]:
     """nll = mean negative log-likelihood per counted token (nats); perplexity = exp(nll)."""
-    nll = float(-np.mean(logprobs))
-    values = {"nll": nll, "perplexity": math.exp(nll)}
-    unknown = [m for m in metrics if m not in values]
+    unknown = [m for m in metrics if m not in ("nll", "perplexity")]
     if unknown:
         raise FishmergeError(f"unknown LM metric(s) {unknown}: valid are nll, perplexity")
+    nll = float(-np.mean(logprobs))
+    if not math.isfinite(nll):
+        raise FishmergeError(
+            f"the mean NLL is {nll}: a token has probability 0 (non-finite outputs); nothing is scored"
+        )
+    if "perplexity" in metrics and nll > 700:
+        raise FishmergeError(f"perplexity overflows: mean NLL {nll:.1f} nats per token; score this model by nll")
+    values = {"nll": nll, "perplexity": math.exp(nll) if "perplexity" in metrics else None}
     return {m: values[m] for m in metrics}
 
 

@@ -11,11 +11,15 @@ scorer's metric is named `module.function` there (MLflow names cannot hold ':').
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import inspect
 import math
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from fishmerge.errors import FishmergeError
 
@@ -130,6 +134,18 @@ def metric_of_key(key: str, user: dict[str, Metric] | None = None) -> Metric:
         f"cannot tell whether a higher or a lower '{key}' is better: name a built-in metric "
         f"({', '.join(BUILTIN)}) or one the pipeline evaluates"
     )
+
+
+def scorer_fingerprint(metric: Metric) -> str | None:
+    """Hash of a user scorer's module source (cache keys change when its code does; the modules it imports
+    are not hashed). A scorer without a source file gets a key of its own each run: nothing is reused."""
+    if metric.scorer is None:
+        return None
+    try:
+        source = inspect.getsourcefile(metric.scorer)
+        return "sha256:" + hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else str(uuid.uuid4())
+    except (TypeError, OSError):
+        return str(uuid.uuid4())
 
 
 def check_applies(metric: Metric, kind: str, target: str, where: str) -> None:

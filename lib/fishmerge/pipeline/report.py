@@ -77,7 +77,7 @@ def results_table(results: dict[str, dict[str, float]], higher: dict[str, bool] 
     lines = ["| task/metric | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for key in keys:
         name = key.rsplit("/", 1)[-1]
-        up = higher.get(name, True)
+        up = higher.get(name, BUILTIN[name].higher_is_better if name in BUILTIN else True)
         values = [results[k][key] for k in kinds if key in results[k]]
         best = (max if up else min)(values)
         cells = [

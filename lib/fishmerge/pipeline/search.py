@@ -212,6 +212,7 @@ class Scorer:
         task = self.tasks[target]
         for n in names:
             if self.metrics[n].scorer is not None:
+                m.eval()  # as promised to scorers, whatever an earlier one did
                 out[key_name(n)] = call_scorer(self.metrics[n], m, self.tokenizers[target], task.rows)
         return {key_name(n): out[key_name(n)] for n in names}
 

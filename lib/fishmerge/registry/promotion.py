@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +61,9 @@ def decide_promotion(
     The reason names the numbers."""
     guard = dict(guard or {})
     _require(new, [metric, *guard], "the new model's")
+    bad = {k: new[k] for k in [metric, *guard] if not math.isfinite(float(new[k]))}
+    if bad:
+        return False, f"the new model's {', '.join(f'{k}={v}' for k, v in bad.items())} is not finite: never promoted"
     higher = {k: _higher_is_better(k, directions) for k in [metric, *guard]}
 
     def by(k: str) -> float:  # how much better the new value is (negative: worse)
@@ -71,6 +75,9 @@ def decide_promotion(
     if champion is None:
         return True, f"no champion yet: promoted with {metric}={new[metric]:.6g}"
     _require(champion, [metric, *guard], "the champion's")
+    broken = [k for k in [metric, *guard] if math.isnan(float(champion[k]))]
+    if broken:  # a champion that cannot be compared is replaced by one that can
+        return True, f"the champion's {', '.join(broken)} is NaN: promoted with {metric}={new[metric]:.6g}"
     if by(metric) < min_delta:
         return False, (
             f"{metric} {new[metric]:.6g} vs champion {champion[metric]:.6g}: better by {by(metric):+.6g} "

@@ -102,13 +102,21 @@ class FishmergeHFModel(mlflow.pyfunc.PythonModel):
         import torch
 
         out = []
+        chat = self.chat and getattr(self.tokenizer, "chat_template", None)
+        self.tokenizer.truncation_side = "left"  # a long prompt keeps its end (where the answer starts)
         with torch.inference_mode():
             for prompt in prompts:
-                if self.chat and getattr(self.tokenizer, "chat_template", None):
+                if chat:
                     prompt = self.tokenizer.apply_chat_template(
                         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
                     )
-                enc = self.tokenizer(prompt, truncation=True, max_length=self.max_length, return_tensors="pt")
+                enc = self.tokenizer(
+                    prompt,
+                    truncation=True,
+                    max_length=self.max_length,
+                    add_special_tokens=not chat,  # the template renders its own BOS
+                    return_tensors="pt",
+                )
                 enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
                 ids = self.model.generate(
                     **enc,
