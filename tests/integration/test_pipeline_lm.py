@@ -387,3 +387,26 @@ def test_user_scorer_is_searched_by_its_direction(ws, scorers, first) -> None:
     assert result["results"]["merged"]["a/lm_scorers.length"] == float(sum(len(r["response"]) for r in rows))
     assert "a/lm_scorers.length" not in result["results"]["ensemble"]  # a scorer needs one model
     assert result["decisions"]["fm-lm-user-a"]["decision"] == "promoted"
+
+
+def test_chat_data_without_a_chat_template_is_refused_before_any_work(ws, capsys) -> None:
+    import datasets
+
+    chats = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
+        for r in domain_rows(6, 10, 40, seed=7)
+    ]
+    ds = datasets.Dataset.from_list
+    datasets.DatasetDict({"train": ds(chats), "validation": ds(chats), "test": ds(chats)}).save_to_disk(
+        str(ws / "data-chat")
+    )
+    uri = f"sqlite:///{ws / 'mlflow-bad' / 'mlflow.db'}"
+    cfg = write_config(ws, "bad-chat.yaml", uri, register="bad-chat")
+    data = json.loads(cfg.read_text())
+    data["models"][0]["data"] = {"path": "data-chat", "messages_field": "messages", "eval_split": "test"}
+    cfg.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--no-progress"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fishmerge: error:")]
+    assert len(err) == 1 and "the tokenizer has no chat template" in err[0], err
+    assert not [m for m in MlflowClient(uri).search_registered_models() if m.name.startswith("bad-chat")]

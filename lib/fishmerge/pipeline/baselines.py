@@ -155,7 +155,7 @@ def settle_metrics(cfg: MergeConfig) -> MergeConfig:
 def check_task_data(cfg: MergeConfig) -> None:
     """Every split the pipeline reads has the columns its model needs (a causal LM's prompt/response or
     messages column, a classifier's text and label columns): refused before any work, in one line."""
-    from fishmerge.io.data import check_columns, lm_fields, load_split
+    from fishmerge.io.data import check_columns, lm_fields, lm_token_ids, load_split
     from fishmerge.pipeline.metrics import CAUSAL_LM as LM
 
     kinds = task_kinds(cfg)
@@ -179,6 +179,11 @@ def check_task_data(cfg: MergeConfig) -> None:
                 check_columns(dataset.column_names, wanted, f"model '{m.name}' ({split}):")
             except FishmergeError as exc:
                 raise FishmergeError(f"{exc}; fix `data:` of model '{m.name}'") from None
+            if m.data.messages_field and len(dataset):  # the chat template renders the first conversation
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(m.path)
+                lm_token_ids(tok, dataset[0], m.data.text_fields, m.data.messages_field, 10**6)
 
 
 def check_scorers(cfg: MergeConfig) -> None:
