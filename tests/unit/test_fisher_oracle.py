@@ -45,9 +45,10 @@ def make_batches(model, examples, batch_size: int, side: str = "right", extra_pa
             else:
                 ids.append([pad] * k + body), mask.append([0] * k + m), tok.append([-100] * k + t)
         batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
-        if detect_head(model) == "token_classification":
+        head = detect_head(model)
+        if head == "token_classification":
             batch["labels"] = torch.tensor(tok)
-        else:
+        elif head == "sequence_classification":  # a causal LM's labels would be per-token masks: none here
             batch["labels"] = torch.tensor([e["label"] for e in chunk])
         yield batch, [e["id"] for e in chunk]
 
@@ -138,3 +139,65 @@ def test_batched_bmm_path_used_on_gpu_matches_oracle(name: str, monkeypatch) -> 
     budget = 2 * 4 * max(p.numel() for p in model.parameters() if p.dim() == 2)
     ours = estimate_fisher(model, make_batches(model, examples, 4), estimator, seed=9, max_memory=budget)
     assert_close(ours, ref)
+
+
+def _tied_examples(model, seed: int) -> list[dict]:
+    """Short LM examples over a few ids, so rows repeat within an example, with the pad id among real tokens."""
+    g = torch.Generator().manual_seed(seed)
+    pad = model.config.pad_token_id
+    out = []
+    for i in range(N_EXAMPLES):
+        length = int(torch.randint(2, 12, (1,), generator=g))
+        ids = torch.randint(3, 9, (length,), generator=g).tolist()
+        ids[int(torch.randint(0, length, (1,), generator=g))] = pad
+        ids += [VOCAB - 1 - i] if i % 2 else []  # rows in other vocabulary blocks too
+        out.append({"id": 50 + i, "input_ids": ids, "label": 0, "labels": [0] * len(ids)})  # labels unused by LMs
+    return out
+
+
+@pytest.mark.parametrize("estimator", ["sampled", "empirical"])
+@pytest.mark.parametrize(("name", "side"), [("gpt2-lm", "right"), ("llama-lm-tied", "left")])
+@pytest.mark.parametrize("path", ["cpu-blocks", "bmm-chunks"])
+def test_tied_embedding_head_fp64(name: str, side: str, path: str, estimator: str, monkeypatch) -> None:
+    """The tied embedding / LM-head path (sparse embedding rows added into the head's per-example
+    product before squaring) against the oracle in fp64: padding, repeated rows, the pad id as a
+    real token (Llama's padding_idx row gets no embedding gradient, GPT-2's wte has none), several
+    vocabulary blocks on CPU, sub-chunks on the bmm (GPU) path. No dense per-example embedding
+    gradient may be built."""
+    from fishmerge.fisher import rules as fisher_rules
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the tied path built a dense per-example embedding gradient")
+
+    monkeypatch.setattr(fisher_rules.EmbeddingRule, "per_example", no_dense)
+    hidden = 32
+    if path == "cpu-blocks":
+        monkeypatch.setattr(fisher_rules, "CPU_BLOCK_BYTES", 4 * hidden * 10)  # ~10 vocabulary rows a block
+    else:
+        monkeypatch.setattr(fisher_rules, "PER_EXAMPLE_LOOP_DEVICES", set())
+    model = build(name).double()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    examples = _tied_examples(model, seed=7)
+    ref = naive_fisher(model, examples, estimator, "causal_lm", seed=3)
+    budget = 2 * 4 * VOCAB * hidden  # two examples' (vocab, hidden) products at a time on the bmm path
+    batches = make_batches(model, examples, batch_size=4, side=side, extra_pad=2)
+    ours = estimate_fisher(model, batches, estimator, seed=3, max_memory=budget)
+    tied = "transformer.wte.weight" if name == "gpt2-lm" else "model.embed_tokens.weight"
+    assert float(ref[tied].sum()) > 0
+    assert_close(ours, ref, tol=1e-6)
+
+
+def test_sample_from_probs_equals_one_whole_fp64_cdf(monkeypatch) -> None:
+    """The row-chunked searchsorted draw gives exactly #{c : cdf[c] < u · cdf[-1]} of one fp64 cumsum,
+    across chunk boundaries, with zero-probability classes and u = 0."""
+    from fishmerge.fisher import estimators
+
+    monkeypatch.setitem(estimators.CDF_CHUNK_BYTES, "cpu", 8 * 97 * 3)  # 3 rows a chunk
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(4, 5, 97, generator=g)
+    probs[..., ::4] = 0
+    u = torch.rand(4, 5, generator=g, dtype=torch.float64)
+    u[0, 0] = 0.0
+    cdf = probs.double().cumsum(-1)
+    expected = (cdf < u.unsqueeze(-1) * cdf[..., -1:]).sum(-1).clamp(max=96)
+    assert torch.equal(estimators.sample_from_probs(probs, u), expected)

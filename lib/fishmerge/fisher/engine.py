@@ -20,8 +20,18 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from fishmerge.errors import FishmergeError
-from fishmerge.fisher.estimators import DEFAULT_ESTIMATOR, detect_head, get_estimator, log_likelihood_terms
-from fishmerge.fisher.rules import Call, LinearRule, Rule, VmapFallbackRule, _chunk_size, _slices, rule_for
+from fishmerge.fisher.estimators import DEFAULT_ESTIMATOR, detect_head, estimator_for, log_likelihood_terms
+from fishmerge.fisher.rules import (
+    Call,
+    LinearRule,
+    Rule,
+    VmapFallbackRule,
+    _chunk_size,
+    _slices,
+    add_squared_tied,
+    fits_tied_path,
+    rule_for,
+)
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
 
@@ -78,12 +88,12 @@ class FisherAccumulator:
         max_exact_classes: int = 64,
         verify: bool = True,
     ):
-        get_estimator(estimator)  # an unknown name fails here, before any hook is installed
+        self.head = head or detect_head(model)
+        estimator = estimator_for(estimator, self.head)  # `auto` by head; an unknown name fails here, before any hook
         if fallback not in ("vmap", "error"):
             raise FishmergeError(f"unknown fallback '{fallback}': choose 'vmap' or 'error'")
         self.model = model.eval()
         self.estimator = estimator
-        self.head = head or detect_head(model)
         self._input_plan = InputPlan(model)
         self.seed = seed
         self.max_memory = int(max_memory)
@@ -231,14 +241,20 @@ class FisherAccumulator:
         for (rule, *_), members in same_input.items():
             rule.add_squared_group(members, n, self.max_memory)
         for pid, places in shared.items():
-            name = self.names[pid]
-            size = _chunk_size(n, self.params[name].numel(), self.max_memory)
-            for sl in _slices(n, size):
-                total = None
-                for c, k in places:
-                    g = self._rules[c.module].per_example(c, n, sl, [k])[k]
-                    total = g if total is None else total.add_(g)
-                self.sums[name].add_(total.square().sum(0))
+            self._add_shared(self.names[pid], places, n)
+
+    def _add_shared(self, name: str, places: list[tuple[Call, str]], n: int) -> None:
+        """Σₙ (Σ_uses gₙ)² for a parameter used by several calls (tied weights): sum, then square."""
+        rules = [self._rules[c.module] for c, _ in places]
+        if fits_tied_path([(r, k) for r, (_, k) in zip(rules, places)]):  # embedding / LM head: no dense rows
+            add_squared_tied([(r, c) for r, (c, _) in zip(rules, places)], n, self.max_memory, self.sums[name])
+            return
+        for sl in _slices(n, _chunk_size(n, self.params[name].numel(), self.max_memory)):
+            total = None
+            for (c, k), rule in zip(places, rules):
+                g = rule.per_example(c, n, sl, [k])[k]
+                total = g if total is None else total.add_(g)
+            self.sums[name].add_(total.square().sum(0))
 
     def _verify(self, term: torch.Tensor, calls: list[Call], n: int, retain_graph: bool) -> None:
         """Compare Σₙ gₙ from the rules with autograd's batch gradient, once, on the first batch."""
