@@ -303,6 +303,11 @@ def _causal_lm_terms(logits, est: Estimator, d: Draws):
     mask = d.batch.get("attention_mask", torch.ones_like(ids)).bool()
     valid = mask[:, :-1] & mask[:, 1:]  # predict a real token from a real token
     if "labels" in d.batch:  # prompt/response data: only the response tokens count (labels −100 elsewhere)
+        if d.batch["labels"].shape != ids.shape:
+            raise FishmergeError(
+                f"a causal LM's labels mark the tokens that count, one per token {tuple(ids.shape)}, got shape "
+                f"{tuple(d.batch['labels'].shape)}: drop the label column (an LM predicts its own tokens)"
+            )
         valid = valid & (d.batch["labels"][:, 1:].to(valid.device) != IGNORE_INDEX)
     logp = logits[:, :-1].float().log_softmax(-1)
     y = est.next_tokens(logp, mask, d)
