@@ -88,11 +88,16 @@ def test_workers_bound_concurrency_and_share_the_cpus(inputs, tmp_path, monkeypa
 
 
 def test_bad_input_in_a_shard_fails_the_flow_once_without_retries(inputs, tmp_path, monkeypatch, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
     probe = ShardProbe(monkeypatch)
-    bad = spec(inputs, model=str(inputs["lm"]), estimator="exact")  # exact over a vocabulary: refused
-    state = estimate_fisher(spec=bad, store_root=str(tmp_path), return_state=True)
+    d = save_model_dir(tmp_path / "nan", "bert-cls")  # NaN logits: found only while the shard computes
+    weights = load_file(d / "model.safetensors")
+    weights["classifier.weight"][1, :] = float("nan")
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    state = estimate_fisher(spec=spec(inputs, model=str(d)), store_root=str(tmp_path / "s"), return_state=True)
     assert state.is_failed()
-    assert "--estimator sampled" in state.message and "\n" not in state.message
+    assert "NaN/Inf logits" in state.message and "\n" not in state.message
     assert probe.calls == 1, "bad input was retried"
     assert "Traceback" not in capsys.readouterr().err
 
@@ -102,6 +107,15 @@ def test_other_shard_errors_are_retried(inputs, tmp_path, monkeypatch) -> None:
     uri = estimate_fisher(spec=spec(inputs), store_root=str(tmp_path))
     assert probe.calls == 2
     assert zarr.open_group(uri, mode="r").attrs["n_examples"] == 12
+
+
+def test_exact_on_an_lm_is_refused_before_any_shard(inputs, tmp_path, monkeypatch, capsys) -> None:
+    probe = ShardProbe(monkeypatch)
+    bad = spec(inputs, model=str(inputs["lm"]), estimator="exact")  # exact over a vocabulary: refused
+    state = estimate_fisher(spec=bad, store_root=str(tmp_path), return_state=True)
+    assert state.is_failed() and "--estimator sampled" in state.message and "\n" not in state.message
+    assert probe.calls == 0, "the model was loaded for a spec refused by its config alone"
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_bad_input_before_any_shard_is_one_failed_state(inputs, tmp_path, capsys) -> None:

@@ -267,7 +267,7 @@ def estimator_for(name: str, head: str) -> str:
     if name == "exact" and head == "causal_lm":
         raise FishmergeError(
             "'exact' over a causal LM's vocabulary is intractable (one backward pass per token of the vocabulary): "
-            "use estimator sampled (the default for causal LMs) or empirical"
+            "use --estimator sampled (in a config fisher.estimator: sampled; the default for causal LMs) or empirical"
         )
     return name
 
