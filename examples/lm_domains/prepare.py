@@ -32,11 +32,11 @@ domain. Folders are written into a temporary sibling and renamed into place.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import time
 import zlib
@@ -68,8 +68,10 @@ def package_dir(name: str, hint: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+@functools.cache
 def sentiment_party_prepare():
-    """examples/sentiment_party/prepare.py as a module: its split builders are reused here."""
+    """examples/sentiment_party/prepare.py as a module (loaded once): its split builders and its atomic
+    folder helpers (`temp_sibling`, `replace_dir`) are reused here."""
     path = HERE.parent / "sentiment_party" / "prepare.py"
     spec = importlib.util.spec_from_file_location("sentiment_party_prepare", path)
     module = importlib.util.module_from_spec(spec)
@@ -91,22 +93,6 @@ def rows_digest(splits: dict[str, list[dict]]) -> str:
 
 
 # ---------------------------------------------------------------- atomic folders
-
-
-def replace_dir(tmp: Path, dest: Path) -> None:
-    """Move a finished temporary folder into place (the old folder, if any, is removed after)."""
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def temp_sibling(dest: Path) -> Path:
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return tmp
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -229,9 +215,10 @@ def prepare_domain(out: Path, base_dir: Path, domain: str, settings: dict, progr
     log(f"{domain}: " + ", ".join(f"{s} {len(splits[s])} rows" for s in SPLITS))
     features = datasets.Features({"prompt": datasets.Value("string"), "response": datasets.Value("string")})
     dd = datasets.DatasetDict({s: datasets.Dataset.from_list(splits[s], features=features) for s in SPLITS})
-    tmp = temp_sibling(data_dir)
+    sp = sentiment_party_prepare()
+    tmp = sp.temp_sibling(data_dir)
     dd.save_to_disk(str(tmp))
-    replace_dir(tmp, data_dir)
+    sp.replace_dir(tmp, data_dir)
 
     val = splits["validation"][: settings["val_limit"]]
     t1 = time.perf_counter()
@@ -246,10 +233,10 @@ def prepare_domain(out: Path, base_dir: Path, domain: str, settings: dict, progr
             f"{domain}: fine-tuning did not lower the validation NLL ({nll_before:.4f} -> {nll_after:.4f}): "
             "change --steps or --lr"
         )
-    tmp = temp_sibling(model_dir)
+    tmp = sp.temp_sibling(model_dir)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    replace_dir(tmp, model_dir)
+    sp.replace_dir(tmp, model_dir)
 
     summary = {
         "sizes": {s: len(splits[s]) for s in SPLITS},
