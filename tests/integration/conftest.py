@@ -6,6 +6,9 @@ Only this tree starts Prefect; tests/unit/ tests the core alone.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +47,24 @@ def prefect_console_follows_capture():
                 h.stream = sys.stderr
                 h.console.file = sys.stderr
     yield
+
+
+@contextmanager
+def pipeline_workspace(root: Path) -> Iterator[pytest.MonkeyPatch]:
+    """cwd = root (fishmerge's ./.fishmerge caches), no tracking URI from the environment, MLflow HTTP
+    retries bounded, one torch thread (tiny models: intra-op threads only spin); all undone after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+            mp.delenv(var, raising=False)
+        # registry.check_reachable sets these process-wide (setdefault): set here so they are undone after
+        mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        mp.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        try:
+            yield mp
+        finally:
+            torch.set_num_threads(threads)

@@ -29,6 +29,7 @@ from fishmerge.flows.pipeline import run_pipeline
 from mlflow import MlflowClient
 
 from tests.conftest import WORDS, save_model_dir
+from tests.integration.conftest import pipeline_workspace
 
 KEYWORDS = {"a": "w1", "b": "w2"}  # task of model a: does the text contain w1? of b: w2?
 FILL = [w for w in WORDS[5:]]
@@ -76,15 +77,7 @@ def ws(tmp_path_factory):
     import datasets
 
     root = tmp_path_factory.mktemp("pipeline")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: intra-op threads only spin (seconds per step on a busy machine)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-            mp.delenv(var, raising=False)
-        # registry.check_reachable sets these process-wide (setdefault): set here so they are undone after
-        mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        mp.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    with pipeline_workspace(root):
         for i, (name, keyword) in enumerate(KEYWORDS.items()):
             rows = keyword_rows(96, keyword, seed=10 + i)
             d = save_model_dir(root / name, "bert-cls2", seed=0)  # one "pretrained" body, two fine-tunings
@@ -93,10 +86,7 @@ def ws(tmp_path_factory):
             datasets.DatasetDict(
                 {"train": ds(rows[:48]), "validation": ds(rows[48:72]), "test": ds(rows[72:])}
             ).save_to_disk(str(root / f"data-{name}"))
-        try:
-            yield root
-        finally:
-            torch.set_num_threads(threads)
+        yield root
 
 
 def write_config(

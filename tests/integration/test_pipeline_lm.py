@@ -23,6 +23,7 @@ from fishmerge.flows.pipeline import run_pipeline
 from mlflow import MlflowClient
 
 from tests.conftest import WORDS, save_model_dir
+from tests.integration.conftest import pipeline_workspace
 
 DOMAINS = {"a": (10, 40), "b": (50, 85)}  # each domain's responses draw from its own word range
 PROMPT = "w1 w2"
@@ -73,14 +74,7 @@ def ws(tmp_path_factory):
     import datasets
 
     root = tmp_path_factory.mktemp("pipeline-lm")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-            mp.delenv(var, raising=False)
-        mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        mp.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    with pipeline_workspace(root):
         for i, (name, (lo, hi)) in enumerate(DOMAINS.items()):
             rows = domain_rows(60, lo, hi, seed=20 + i)
             d = save_model_dir(root / name, "llama-lm-tied", seed=0)  # one "pretrained" body, two fine-tunings
@@ -89,10 +83,7 @@ def ws(tmp_path_factory):
             datasets.DatasetDict(
                 {"train": ds(rows[:30]), "validation": ds(rows[30:45]), "test": ds(rows[45:])}
             ).save_to_disk(str(root / f"data-{name}"))
-        try:
-            yield root
-        finally:
-            torch.set_num_threads(threads)
+        yield root
 
 
 def write_config(ws: Path, file: str, uri: str, register: str = "fm-lm", **changes) -> Path:
