@@ -165,12 +165,14 @@ def call_scorer(metric: Metric, model, tokenizer, rows: list[dict]) -> float:
         value = metric.scorer(model, tokenizer, rows)
     except Exception as exc:
         raise FishmergeError(f"scorer '{metric.spec}' raised {type(exc).__name__}: {exc}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise FishmergeError(f"scorer '{metric.spec}' returned {type(value).__name__} {value!r}: return one number")
-    try:
+    try:  # a number (numpy and torch scalars too), not a bool, a string or a sequence
+        if isinstance(value, bool) or not hasattr(value, "__float__"):
+            raise TypeError
         value = float(value)
     except (TypeError, ValueError):
-        raise FishmergeError(f"scorer '{metric.spec}' returned {value!r}: return one number") from None
+        raise FishmergeError(
+            f"scorer '{metric.spec}' returned {type(value).__name__} {value!r}: return one number"
+        ) from None
     if not math.isfinite(value):
         raise FishmergeError(f"scorer '{metric.spec}' returned {value}: return a finite number")
     return value
