@@ -17,11 +17,16 @@ A second real-model check beside benchmarks/fisher_throughput.py (which covers B
    fp32 (as benchmarked), beside the fp32 noise floor (the naive loop right-padded vs unpadded:
    two correct computations that differ only in rounding), and with the model in fp64 (rounding
    out of the way; the log-softmax stays fp32 in both, as the engine defines the likelihood).
-4. Throughput: every batch of the N snippets is one round; in each round the floor (plain
-   batched forward + backward of the summed next-token log-likelihood, parameter gradients),
-   `empirical` and `sampled` (FisherAccumulator.add_batch on live accumulators) run back to back
-   on that batch. Ratio = time ÷ floor within the round, median over rounds; a warm-up on the
-   first batch is excluded; the order of the three rotates from round to round. examples/s =
+4. Throughput: the N snippets' batches are cut into rounds of --block consecutive batches
+   (`--mode blocks`, the default; `--mode rounds`: one batch per round); in each round the floor
+   (plain batched forward + backward of the summed next-token log-likelihood, parameter
+   gradients), `empirical` and `sampled` (FisherAccumulator.add_batch on live accumulators) each
+   run over the round's batches back to back, as a real run feeds one accumulator batch after
+   batch. Ratio = time ÷ floor within the round, median over rounds; a warm-up on the first batch
+   is excluded; the order of the three rotates from round to round. (One batch per round, as in
+   earlier runs, measured the same code at 1.33× where blocks of 6 gave 1.00× on the idle machine:
+   switching between three workloads of ~0.5–1 GB each at every batch slows the accumulators,
+   which a real run never does; the cause was not pinned down.) examples/s =
    N ÷ the method's summed time. Both wall time and process CPU time are recorded (OpenMP set to
    passive waiting, so CPU time is work done): on a machine shared with other jobs the wall-time
    ratios swing with their load, the CPU-time ratios much less.
@@ -246,7 +251,7 @@ def floor_step(model, batch, ids) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def throughput(model, batches: list[tuple[dict, list[int]]], seed: int) -> dict:
+def throughput(model, batches: list[tuple[dict, list[int]]], seed: int, mode: str = "blocks", block: int = 8) -> dict:
     estimators = ("empirical", "sampled")
     peaks = {}
     with PeakMemory(torch.device("cpu")) as pm:  # warm-up on the first batch: not timed, not accumulated
@@ -263,15 +268,22 @@ def throughput(model, batches: list[tuple[dict, list[int]]], seed: int) -> dict:
     names = list(methods)
     wall: dict[str, list[float]] = {k: [] for k in names}
     cpu: dict[str, list[float]] = {k: [] for k in names}
-    for r, (batch, ids) in enumerate(batches):
+    # A round is a group of consecutive batches: one batch each in `rounds` mode, `block` batches in
+    # `blocks` mode (each method runs its group back to back, as a real run feeds one accumulator).
+    groups = (
+        [batches[i : i + block] for i in range(0, len(batches), block)] if mode == "blocks" else [[b] for b in batches]
+    )
+    for r, group in enumerate(groups):
         for name in names[r % 3 :] + names[: r % 3]:  # rotate the order: no method always runs first
             fn = methods[name]
             t0, c0 = time.perf_counter(), time.process_time()
-            fn(model, batch, ids) if name == "floor" else fn(batch, ids)
+            for batch, ids in group:
+                fn(model, batch, ids) if name == "floor" else fn(batch, ids)
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
         print(
-            f"round {r + 1}/{len(batches)}: floor {wall['floor'][-1]:.2f} s (CPU {cpu['floor'][-1]:.2f} s), "
+            f"round {r + 1}/{len(groups)} ({len(group)} batch(es)): floor {wall['floor'][-1]:.2f} s "
+            f"(CPU {cpu['floor'][-1]:.2f} s), "
             + ", ".join(
                 f"{k.split()[-1]} ×{wall[k][-1] / wall['floor'][-1]:.2f} (CPU ×{cpu[k][-1] / cpu['floor'][-1]:.2f})"
                 for k in names[1:]
@@ -285,7 +297,7 @@ def throughput(model, batches: list[tuple[dict, list[int]]], seed: int) -> dict:
 
     res = {
         name: {
-            "median_s": statistics.median(wall[name]),
+            "median_s": statistics.median(t / len(g) for t, g in zip(wall[name], groups)),
             "total_s": sum(wall[name]),
             "examples_per_s": n / sum(wall[name]),
             "ratio_to_floor": statistics.median(ratios(name, wall)),
@@ -330,6 +342,13 @@ def main() -> None:
     ap.add_argument("--check-examples", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument(
+        "--mode",
+        choices=["blocks", "rounds"],
+        default="blocks",
+        help="blocks: each method runs --block consecutive batches per round (as a run does); rounds: one batch each",
+    )
+    ap.add_argument("--block", type=int, default=8, help="batches per round in blocks mode")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -357,7 +376,7 @@ def main() -> None:
         check32 = correctness(model, tok, texts[: args.check_examples], args.max_length, args.seed, True)
     print(_check_line(check32), file=sys.stderr)
     with Clock() as c_tp:
-        tp = throughput(model, batches, args.seed)
+        tp = throughput(model, batches, args.seed, args.mode, args.block)
     with Clock() as c_check64:  # the same check with the model in fp64: rounding out of the way
         check64 = correctness(model.double(), tok, texts[: args.check_examples], args.max_length, args.seed, False)
     print(_check_line(check64), file=sys.stderr)
@@ -382,6 +401,7 @@ def main() -> None:
             "real_tokens_mean": float(real.float().mean()),
             "truncated": int((real == args.max_length).sum()),
         },
+        "throughput_mode": {"mode": args.mode, "block_batches": args.block if args.mode == "blocks" else 1},
         "correctness": {"float32": check32, "float64": check64},
         "throughput": tp["methods"],
         "fisher": tp["fisher"],

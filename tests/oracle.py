@@ -75,3 +75,35 @@ def naive_fisher(model, examples, estimator: str, head: str, seed: int = 0) -> d
                 ys = [_draw(logp[t].detach().exp(), float(u[t])) for t in range(logp.shape[0])]
             add(sum(logp[t, y] for t, y in enumerate(ys)), 1.0, False)
     return {k: (v / len(examples)).float() for k, v in fisher.items()}
+
+
+def naive_grams(model, examples) -> dict[str, tuple[np.ndarray, int]]:
+    """Per Linear / Conv1D weight name: (Σ over examples and tokens of x xᵀ, rows counted), fp64, by a
+    loop over single unpadded examples and then over their tokens one at a time."""
+    linear_types = ("Linear", "Conv1D")
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in linear_types and module.weight.requires_grad:
+
+            def hook(mod, args, out, name=name):
+                seen.setdefault(name, []).append(args[0].detach())
+
+            handles.append(module.register_forward_hook(hook))
+    grams: dict[str, list] = {}
+    try:
+        for ex in examples:
+            seen.clear()
+            with torch.no_grad():
+                model(input_ids=torch.tensor([ex["input_ids"]]))
+            for name, inputs in seen.items():
+                for x in inputs:
+                    x = x.double().reshape(-1, x.shape[-1]).numpy()  # (tokens or 1, in)
+                    entry = grams.setdefault(f"{name}.weight", [np.zeros((x.shape[1], x.shape[1])), 0])
+                    for row in x:
+                        entry[0] += np.outer(row, row)
+                        entry[1] += 1
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: (g, n) for k, (g, n) in grams.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from fishmerge.fisher.engine import estimate_fisher
@@ -201,3 +203,21 @@ def test_sample_from_probs_equals_one_whole_fp64_cdf(monkeypatch) -> None:
     cdf = probs.double().cumsum(-1)
     expected = (cdf < u.unsqueeze(-1) * cdf[..., -1:]).sum(-1).clamp(max=96)
     assert torch.equal(estimators.sample_from_probs(probs, u), expected)
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [({1: float("nan")}, [11]), ({0: float("inf")}, [10]), ({0: float("inf"), 2: float("-inf")}, [10, 12])],
+)
+def test_non_finite_logits_name_their_examples(bad: dict, named: list) -> None:
+    """The one-sum fast path never lets a NaN/Inf through, and the examples named are exactly the bad ones."""
+    from fishmerge.errors import FishmergeError
+    from fishmerge.fisher.estimators import _check_finite
+
+    logits = torch.randn(3, 5, 7)
+    _check_finite(logits, [10, 11, 12])  # finite: passes
+    _check_finite(torch.full((2, 3), 3e38), [0, 1])  # finite values whose sum overflows fp32: passes
+    for row, value in bad.items():
+        logits[row, 2, 3] = value
+    with pytest.raises(FishmergeError, match=re.escape(f"example(s) {named} ")):
+        _check_finite(logits, [10, 11, 12])

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten
 
 from fishmerge.errors import FishmergeError
 from fishmerge.fisher.estimators import DEFAULT_ESTIMATOR, detect_head, estimator_for, log_likelihood_terms
+from fishmerge.fisher.grams import Gram, GramAccumulator
 from fishmerge.fisher.rules import (
     Call,
     LinearRule,
@@ -34,6 +35,17 @@ from fishmerge.fisher.rules import (
 )
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
+STATISTICS = ("fisher", "gram")  # what one estimation pass can accumulate
+
+
+def check_statistics(statistics: Sequence[str]) -> tuple[str, ...]:
+    """The statistics asked for, in canonical order; an unknown or empty list is refused."""
+    unknown = [s for s in statistics if s not in STATISTICS]
+    if unknown or not statistics:
+        raise FishmergeError(
+            f"unknown statistics {unknown or list(statistics)}: choose one or more of {', '.join(STATISTICS)}"
+        )
+    return tuple(s for s in STATISTICS if s in statistics)
 
 
 def _derives_positions_from_ids(model: nn.Module) -> bool:
@@ -73,7 +85,8 @@ class FisherAccumulator:
     Use as a context manager (hooks are removed on exit), feed `add_batch`, read `fisher()`.
     The model is put in eval mode. `max_memory` bounds the bytes of per-example gradient
     tensors held at once (examples are sub-chunked to fit). `fallback="vmap"` computes modules
-    without a rule by torch.func; `"error"` rejects them up front.
+    without a rule by torch.func; `"error"` rejects them up front. `statistics` names what is
+    accumulated: "fisher" (the diagonal Fisher) and/or "gram" (Linear input Grams, `grams()`).
     """
 
     def __init__(
@@ -87,7 +100,9 @@ class FisherAccumulator:
         fallback: str = "vmap",
         max_exact_classes: int = 64,
         verify: bool = True,
+        statistics: Sequence[str] = ("fisher",),
     ):
+        self.statistics = check_statistics(statistics)
         self.head = head or detect_head(model)
         estimator = estimator_for(estimator, self.head)  # `auto` by head; an unknown name fails here, before any hook
         if fallback not in ("vmap", "error"):
@@ -98,7 +113,8 @@ class FisherAccumulator:
         self.seed = seed
         self.max_memory = int(max_memory)
         self.max_exact_classes = max_exact_classes
-        self.verify_pending = verify
+        self.verify_pending = verify and "fisher" in self.statistics
+        self._grams = GramAccumulator() if "gram" in self.statistics else None
         self.n_examples = 0
         self._recording = False
         self._calls: list[Call] = []
@@ -184,6 +200,16 @@ class FisherAccumulator:
         finally:
             self._recording = False
         calls, self._calls = self._calls, []
+        uses: dict[int, int] = defaultdict(int)
+        for c in calls:
+            for _, p in c.module.named_parameters(recurse=False):
+                if id(p) in self.names:
+                    uses[id(p)] += 1
+        if self._grams is not None:
+            self._add_grams(calls, uses, batch.get("attention_mask"), n)
+        if "fisher" not in self.statistics:
+            self.n_examples += n
+            return
         logits = out.logits if hasattr(out, "logits") else out
         terms = log_likelihood_terms(
             logits,
@@ -195,11 +221,6 @@ class FisherAccumulator:
             max_exact_classes=self.max_exact_classes,
         )
         outputs = [t for c in calls for t in c.outputs]
-        uses: dict[int, int] = defaultdict(int)
-        for c in calls:
-            for _, p in c.module.named_parameters(recurse=False):
-                if id(p) in self.names:
-                    uses[id(p)] += 1
         for i, term in enumerate(terms):
             verify = self.verify_pending and i == 0
             retain = verify or i < len(terms) - 1
@@ -213,6 +234,27 @@ class FisherAccumulator:
                 self.verify_pending = False
             self._accumulate(live, n, uses)
         self.n_examples += n
+
+    def _add_grams(self, calls: list[Call], uses: Mapping[int, int], mask, n: int) -> None:
+        """Each Linear input's Gram, once per input tensor read by untied trainable weights."""
+        same_input: dict[tuple, list] = defaultdict(list)
+        for c in calls:
+            rule = self._rules[c.module]
+            weight = getattr(c.module, "weight", None)
+            x = c.args[0] if c.args else None
+            if not isinstance(rule, LinearRule) or not torch.is_tensor(x) or id(weight) not in self.names:
+                continue
+            if uses[id(weight)] != 1:
+                continue  # tied (an LM head sharing the embedding): not a plain Linear layer
+            same_input[(x.data_ptr(), tuple(x.shape), x.stride())].append((c, self.names[id(weight)], rule))
+        for members in same_input.values():
+            self._grams.add(members, mask, n)
+
+    def grams(self) -> dict[str, Gram]:
+        """The input Grams (sums over real tokens, with counts) by the first weight reading each input."""
+        if self._grams is None:
+            raise FishmergeError("this accumulator was not asked for Gram statistics (statistics=['gram'])")
+        return {k: Gram(g.sum.cpu(), g.tokens, g.weights, g.layouts) for k, g in self._grams.result().items()}
 
     def _own(self, call: Call) -> list[tuple[str, nn.Parameter]]:
         return [(k, p) for k, p in call.module.named_parameters(recurse=False) if id(p) in self.names]
@@ -284,6 +326,8 @@ class FisherAccumulator:
         """F = (1/N) Σₙ E_y[gₙ²] per parameter name, fp32 on CPU."""
         if self.n_examples == 0:
             raise FishmergeError("no examples were seen: the dataset selection is empty")
+        if "fisher" not in self.statistics:
+            raise FishmergeError("this accumulator was not asked for the Fisher (statistics without 'fisher')")
         return {k: (v / self.n_examples).cpu() for k, v in self.sums.items()}
 
 

@@ -1,0 +1,101 @@
+"""Input Gram matrices of Linear layers, from the Fisher engine's forward pass (RegMean's statistic).
+
+For every Linear / HF Conv1D module whose weight is trainable and used once (not tied), the
+engine's hook already holds the module's input x; this adds G = Σₙ Σₜ xₙₜ xₙₜᵀ over real tokens
+(the attention mask's ones; a 2-D input counts one row per example) and the token count. Modules
+that read the very same input tensor (q/k/v, gate/up) share one Gram: one product, stored once.
+Sums are kept in fp32 (fp64 for an fp64 model), never divided: a consumer divides by `tokens`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fishmerge.errors import FishmergeError
+from fishmerge.fisher.rules import Call, LinearRule
+
+LAYOUT_OUT_IN = "out_in"  # nn.Linear: weight (out, in), y = x Wᵀ
+LAYOUT_IN_OUT = "in_out"  # HF Conv1D: weight (in, out), y = x W
+
+
+@dataclass
+class Gram:
+    """One shared input's Gram: the sum, the rows counted, and the weights (parameter names) reading it."""
+
+    sum: torch.Tensor
+    tokens: int
+    weights: list[str]
+    layouts: dict[str, str]
+
+
+def gram_layout(rule: LinearRule) -> str:
+    """Which way the weight of a module with this rule is stored."""
+    return LAYOUT_IN_OUT if rule.transposed else LAYOUT_OUT_IN
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None, n: int, module_name: str) -> tuple[torch.Tensor, int]:
+    """The input's rows that count, as (rows, in) with padding rows zeroed, and how many count."""
+    if x.dim() < 2 or x.shape[0] != n:
+        raise FishmergeError(
+            f"module '{module_name}' saw an input of shape {tuple(x.shape)} in a batch of {n}: Gram statistics "
+            "need the example dimension first"
+        )
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.dim() == 2:
+        return x.to(dtype), n
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        m = mask.to(dtype)
+        return (x.to(dtype) * m.unsqueeze(-1)).reshape(-1, x.shape[-1]), int(mask.sum())
+    rows = x.reshape(-1, x.shape[-1]).to(dtype)
+    return rows, rows.shape[0]
+
+
+class GramAccumulator:
+    """Σ xxᵀ per shared Linear input over batches; fed by the Fisher engine with each batch's calls."""
+
+    def __init__(self) -> None:
+        self.grams: dict[tuple[str, ...], Gram] = {}
+
+    def add(
+        self,
+        members: Sequence[tuple[Call, str, LinearRule]],
+        mask: torch.Tensor | None,
+        n: int,
+    ) -> None:
+        """Add one shared input's rows: `members` are the (call, weight's parameter name, rule) reading it."""
+        call = members[0][0]
+        rows, count = _rows(call.args[0].detach(), mask, n, call.module_name)
+        key = tuple(name for _, name, _ in members)
+        gram = self.grams.get(key)
+        if gram is None:
+            d = rows.shape[1]
+            gram = Gram(
+                torch.zeros(d, d, dtype=rows.dtype, device=rows.device),
+                0,
+                list(key),
+                {name: gram_layout(rule) for _, name, rule in members},
+            )
+            self.grams[key] = gram
+        gram.sum.addmm_(rows.t(), rows)
+        gram.tokens += count
+
+    def result(self) -> dict[str, Gram]:
+        """Grams by their first weight's parameter name; a weight may read only one input."""
+        seen: dict[str, tuple[str, ...]] = {}
+        for key in self.grams:
+            for name in key:
+                if name in seen and seen[name] != key:
+                    raise FishmergeError(
+                        f"weight '{name}' was read with different input groupings in different batches: "
+                        "its Gram is ambiguous"
+                    )
+                seen[name] = key
+        return {g.weights[0]: g for g in self.grams.values()}
+
+
+def grams_by_weight(grams: Mapping[str, Gram]) -> dict[str, tuple[str, Gram]]:
+    """weight name -> (the name its Gram is stored under, the Gram)."""
+    return {w: (k, g) for k, g in grams.items() for w in g.weights}
