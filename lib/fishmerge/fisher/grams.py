@@ -36,8 +36,11 @@ def gram_layout(rule: LinearRule) -> str:
     return LAYOUT_IN_OUT if rule.transposed else LAYOUT_OUT_IN
 
 
+SYMMETRIC_BLOCK = 384  # Grams wider than this are formed block by block, upper triangle only
+
+
 def _rows(x: torch.Tensor, mask: torch.Tensor | None, n: int, module_name: str) -> tuple[torch.Tensor, int]:
-    """The input's rows that count, as (rows, in) with padding rows zeroed, and how many count."""
+    """The input's rows that count (real tokens only; padding rows are dropped), as (rows, in)."""
     if x.dim() < 2 or x.shape[0] != n:
         raise FishmergeError(
             f"module '{module_name}' saw an input of shape {tuple(x.shape)} in a batch of {n}: Gram statistics "
@@ -47,8 +50,8 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None, n: int, module_name: str) 
     if x.dim() == 2:
         return x.to(dtype), n
     if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        m = mask.to(dtype)
-        return (x.to(dtype) * m.unsqueeze(-1)).reshape(-1, x.shape[-1]), int(mask.sum())
+        keep = mask.bool()
+        return x[keep].to(dtype), int(keep.sum())
     rows = x.reshape(-1, x.shape[-1]).to(dtype)
     return rows, rows.shape[0]
 
@@ -79,7 +82,7 @@ class GramAccumulator:
                 {name: gram_layout(rule) for _, name, rule in members},
             )
             self.grams[key] = gram
-        gram.sum.addmm_(rows.t(), rows)
+        _add_upper(gram.sum, rows)
         gram.tokens += count
 
     def result(self) -> dict[str, Gram]:
@@ -93,7 +96,36 @@ class GramAccumulator:
                         "its Gram is ambiguous"
                     )
                 seen[name] = key
-        return {g.weights[0]: g for g in self.grams.values()}
+        return {g.weights[0]: Gram(_symmetrized(g.sum), g.tokens, g.weights, g.layouts) for g in self.grams.values()}
+
+
+def _blocks(d: int) -> list[tuple[int, int]]:
+    count = max(1, -(-d // SYMMETRIC_BLOCK))
+    size = -(-d // count)
+    return [(a, min(d, a + size)) for a in range(0, d, size)]
+
+
+def _add_upper(acc: torch.Tensor, rows: torch.Tensor) -> None:
+    """acc += rowsᵀ rows on the diagonal and upper blocks only: a Gram is symmetric, so the lower
+    blocks (about half the multiply-adds of a wide one) are copied from the upper ones at the end."""
+    blocks = _blocks(rows.shape[1])
+    if len(blocks) == 1:
+        acc.addmm_(rows.t(), rows)
+        return
+    cols = [rows[:, a:b].contiguous() for a, b in blocks]
+    for i, (a, b) in enumerate(blocks):
+        acc[a:b, a:].addmm_(cols[i].t(), rows[:, a:])
+
+
+def _symmetrized(acc: torch.Tensor) -> torch.Tensor:
+    """The full Gram from one accumulated by `_add_upper` (lower blocks from the upper ones)."""
+    blocks = _blocks(acc.shape[0])
+    if len(blocks) == 1:
+        return acc.clone()
+    out = acc.clone()
+    for a, b in blocks:
+        out[b:, a:b] = acc[a:b, b:].t()
+    return out
 
 
 def grams_by_weight(grams: Mapping[str, Gram]) -> dict[str, tuple[str, Gram]]:
