@@ -35,7 +35,8 @@ from fishmerge.fisher.rules import (
 )
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
-STATISTICS = ("fisher", "gram")  # what one estimation pass can accumulate
+FISHER, GRAM = "fisher", "gram"  # the statistics one estimation pass can accumulate
+STATISTICS = (FISHER, GRAM)
 
 
 def check_statistics(statistics: Sequence[str]) -> tuple[str, ...]:
@@ -100,7 +101,7 @@ class FisherAccumulator:
         fallback: str = "vmap",
         max_exact_classes: int = 64,
         verify: bool = True,
-        statistics: Sequence[str] = ("fisher",),
+        statistics: Sequence[str] = (FISHER,),
     ):
         self.statistics = check_statistics(statistics)
         self.head = head or detect_head(model)
@@ -113,8 +114,8 @@ class FisherAccumulator:
         self.seed = seed
         self.max_memory = int(max_memory)
         self.max_exact_classes = max_exact_classes
-        self.verify_pending = verify and "fisher" in self.statistics
-        self._grams = GramAccumulator() if "gram" in self.statistics else None
+        self.verify_pending = verify and FISHER in self.statistics
+        self._grams = GramAccumulator() if GRAM in self.statistics else None
         self.n_examples = 0
         self._recording = False
         self._calls: list[Call] = []
@@ -207,7 +208,7 @@ class FisherAccumulator:
                     uses[id(p)] += 1
         if self._grams is not None:
             self._add_grams(calls, uses, batch.get("attention_mask"), n)
-        if "fisher" not in self.statistics:
+        if FISHER not in self.statistics:
             self.n_examples += n
             return
         logits = out.logits if hasattr(out, "logits") else out
@@ -326,7 +327,7 @@ class FisherAccumulator:
         """F = (1/N) Σₙ E_y[gₙ²] per parameter name, fp32 on CPU."""
         if self.n_examples == 0:
             raise FishmergeError("no examples were seen: the dataset selection is empty")
-        if "fisher" not in self.statistics:
+        if FISHER not in self.statistics:
             raise FishmergeError("this accumulator was not asked for the Fisher (statistics without 'fisher')")
         return {k: (v / self.n_examples).cpu() for k, v in self.sums.items()}
 
