@@ -9,7 +9,7 @@ Sums are kept in fp32 (fp64 for an fp64 model), never divided: a consumer divide
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +127,3 @@ def _symmetrized(acc: torch.Tensor) -> torch.Tensor:
         out[b:, a:b] = acc[a:b, b:].t()
     return out
 
-
-def grams_by_weight(grams: Mapping[str, Gram]) -> dict[str, tuple[str, Gram]]:
-    """weight name -> (the name its Gram is stored under, the Gram)."""
-    return {w: (k, g) for k, g in grams.items() for w in g.weights}
