@@ -126,4 +126,3 @@ def _symmetrized(acc: torch.Tensor) -> torch.Tensor:
     for a, b in blocks:
         out[b:, a:b] = acc[a:b, b:].t()
     return out
-
