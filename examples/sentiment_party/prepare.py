@@ -18,7 +18,8 @@ Outputs under `--out`: `data/<task>` (a `datasets.DatasetDict` with train/valida
 `text`, `label`) and `models/<task>` (a `BertForSequenceClassification` in safetensors plus its
 tokenizer). Each task is cached: a marker `.prepare/<task>.json` holding the hash of the settings is
 written last, and a rerun with the same settings skips the task. Folders are written into a
-temporary sibling and renamed into place, so an interrupted run never leaves a half-written one.
+temporary sibling and renamed into place, so an interrupted run never leaves a half-written one;
+an existing folder is replaced only when it holds `.fishmerge-example` (this script wrote it).
 """
 
 from __future__ import annotations
@@ -170,8 +171,22 @@ def check_balance(task: str, splits: dict[str, list[dict]], labels: tuple[str, .
 # ---------------------------------------------------------------- atomic folders and cache
 
 
+OWNER_FILE = ".fishmerge-example"  # in every folder this example writes: the only folders it replaces
+
+
+def check_ours(dest: Path) -> None:
+    """Refuse to go on when `dest` exists and this example did not write it (the user's own folder)."""
+    if (dest.exists() or dest.is_symlink()) and not (dest.is_dir() and (dest / OWNER_FILE).is_file()):
+        raise SystemExit(
+            f"'{dest}' exists and was not written by this example (no {OWNER_FILE}): it is never replaced; "
+            "remove it yourself or choose another --out"
+        )
+
+
 def replace_dir(tmp: Path, dest: Path) -> None:
-    """Move a finished temporary folder into place (the old folder, if any, is removed after)."""
+    """Move a finished temporary folder into place (the old folder, if any and ours, is removed after)."""
+    check_ours(dest)
+    (tmp / OWNER_FILE).write_text("written by a fishmerge example's prepare.py\n")
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
     if dest.exists():
         os.replace(dest, old)
@@ -180,6 +195,8 @@ def replace_dir(tmp: Path, dest: Path) -> None:
 
 
 def temp_sibling(dest: Path) -> Path:
+    """A fresh temporary sibling of `dest` to build it in (refused up front when `dest` is not ours)."""
+    check_ours(dest)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
