@@ -42,8 +42,6 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 VERSION = 1  # bump when the data or training recipe changes: invalidates cached outputs
 SPLITS = ("train", "validation", "test")
@@ -164,13 +162,8 @@ def fine_tune(domain: str, base_dir: Path, train: list[dict], settings: dict, pr
     torch.manual_seed(settings["seed"] * 1_000_003 + zlib.crc32(domain.encode()))
     model, tok = load_model(base_dir, device="cpu", dtype="float32")
     steps, bs, max_length = settings["steps"], settings["batch_size"], settings["max_length"]
-    rng = np.random.default_rng([settings["seed"], zlib.crc32(domain.encode())])
-    epochs = -(-steps * bs // len(train))
-    order = np.concatenate([rng.permutation(len(train)) for _ in range(epochs)])[: steps * bs]
-    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.0)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: (i + 1) / warm if i < warm else max(0.0, (steps - i) / max(1, steps - warm))
+    order, opt, sched = sentiment_party_prepare().training_schedule(
+        model, settings, domain, len(train), weight_decay=0.0
     )
     model.train()
     losses = []

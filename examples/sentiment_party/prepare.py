@@ -254,6 +254,24 @@ def accuracy(model, tok, rows: list[dict], max_length: int, batch_size: int = 12
     return correct / len(rows)
 
 
+def training_schedule(model, settings: dict, name: str, n_train: int, weight_decay: float):
+    """(example order, AdamW, its schedule): `steps × batch_size` row indices in seeded epochs (by the
+    seed and the task's name, so tasks are independent), linear warm-up over 10 % of the steps, then
+    linear decay to 0."""
+    import torch
+
+    steps, bs = settings["steps"], settings["batch_size"]
+    rng = np.random.default_rng([settings["seed"], zlib.crc32(name.encode())])
+    epochs = -(-steps * bs // n_train)
+    order = np.concatenate([rng.permutation(n_train) for _ in range(epochs)])[: steps * bs]
+    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=weight_decay)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: (i + 1) / warm if i < warm else max(0.0, (steps - i) / max(1, steps - warm))
+    )
+    return order, opt, sched
+
+
 def fine_tune(task: str, spec: Task, train: list[dict], settings: dict):
     """AdamW, linear warm-up (10%) and decay, fixed-width batches; returns (tokenizer, model)."""
     import torch
@@ -261,14 +279,7 @@ def fine_tune(task: str, spec: Task, train: list[dict], settings: dict):
     torch.manual_seed(settings["seed"] * 1_000_003 + zlib.crc32(task.encode()))  # independent of other tasks
     tok, model = load_base(spec.labels)
     steps, bs, max_length = settings["steps"], settings["batch_size"], settings["max_length"]
-    rng = np.random.default_rng([settings["seed"], zlib.crc32(task.encode())])
-    epochs = -(-steps * bs // len(train))
-    order = np.concatenate([rng.permutation(len(train)) for _ in range(epochs)])[: steps * bs]
-    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.01)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: (i + 1) / warm if i < warm else max(0.0, (steps - i) / max(1, steps - warm))
-    )
+    order, opt, sched = training_schedule(model, settings, task, len(train), weight_decay=0.01)
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):
