@@ -53,7 +53,10 @@ def _option_type(model: type, name: str):
 def add_option_flags(parser: argparse.ArgumentParser, model: type) -> None:
     """One flag per field of a pydantic options model: --field-name, its type, choices, default and help."""
     for name, info in model.model_fields.items():
-        kwargs = {"default": info.default, "help": (info.description or "").replace("%", "%%")}
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, list):  # a list option is given as a,b (and validated as one text)
+            default = ",".join(default)
+        kwargs = {"default": default, "help": (info.description or "").replace("%", "%%")}
         if typing.get_origin(info.annotation) is typing.Literal:
             kwargs["choices"] = list(typing.get_args(info.annotation))
         else:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_spec_defaults_are_the_options_defaults() -> None:
     spec = FisherSpec(model="m", data="d")
     for name, info in FisherOptions.model_fields.items():
-        assert getattr(spec, name) == info.default, name
+        assert getattr(spec, name) == info.get_default(call_default_factory=True), name
     # the field order (it is the order of the `spec` attribute in every store) is unchanged
     assert [f.name for f in fields(FisherSpec)] == [
         "model",
@@ -41,6 +41,7 @@ def test_spec_defaults_are_the_options_defaults() -> None:
         "max_memory",
         "fallback",
         "messages_field",  # appended (issue 13): the earlier fields keep their order
+        "statistics",  # appended (issue 14)
     ]
 
 
@@ -94,12 +95,18 @@ def test_fisher_flags_come_from_the_options() -> None:
     for name, info in FisherOptions.model_fields.items():
         action = flags[name]
         assert action.option_strings == ["--" + name.replace("_", "-")]
-        assert action.default == info.default
+        default = info.get_default(call_default_factory=True)
+        assert action.default == (",".join(default) if isinstance(default, list) else default)
         assert info.description.split(" ")[0] in action.help
         if typing.get_origin(info.annotation) is typing.Literal:
             assert list(action.choices) == list(typing.get_args(info.annotation))
     assert list(flags["estimator"].choices) == ["auto", *ESTIMATORS]
     assert "(default: auto)" in help_text and "(default: 16)" in help_text
+    assert f.parse_args(["--model", "m", "--data", "d"]).statistics == ["fisher"]
+    assert f.parse_args(["--model", "m", "--data", "d", "--statistics", "gram, fisher"]).statistics == [
+        "fisher",
+        "gram",
+    ]
     args = f.parse_args(["--model", "m", "--data", "d", "--max-memory", "256MB", "--examples", "7"])
     assert args.max_memory == 256 * 10**6 and args.examples == 7
     assert f.parse_args(["--model", "m", "--data", "d"]).max_memory == FisherOptions.model_fields["max_memory"].default

@@ -5,10 +5,12 @@ where it says, each parameter can change the result, `per_target` is true to the
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from fishmerge.fisher.store import write_fisher_store
 from fishmerge.io.checkpoint import cached_model_fingerprint
 from fishmerge.io.safetensors import tensor_index
@@ -23,6 +25,8 @@ from tests.conftest import save_model_dir
 
 
 def _fisher(model_dir: Path, seed: int) -> str:
+    """A store with random Fishers (exact zeros among them) and, for every Linear weight, a random
+    positive definite Gram (format v2, written with zarr): what every method may read."""
     rng = np.random.default_rng(seed)
     tensors = {}
     for key, ref in tensor_index(model_dir).items():
@@ -32,7 +36,23 @@ def _fisher(model_dir: Path, seed: int) -> str:
     uri = str(model_dir) + ".fisher.zarr"
     attrs = {"estimator": "synthetic", "n_examples": 1, "data_fingerprint": "synthetic"}
     write_fisher_store(uri, tensors, {**attrs, "model_fingerprint": cached_model_fingerprint(model_dir)})
+    group = zarr.open_group(uri, mode="a")
+    grams = {}
+    for key, ref in tensor_index(model_dir).items():
+        if len(ref.shape) == 2 and "embeddings" not in key:  # BERT's Linear weights (out, in)
+            x = rng.standard_normal((4 * ref.shape[1], ref.shape[1]))
+            group.require_group("gram").create_array(key, data=(x.T @ x).astype(np.float32), compressors=None)
+            grams[key] = {"array": f"gram/{key}", "tokens": 4 * ref.shape[1], "layout": "out_in"}
+    group.attrs.update({"format_version": 2, "statistics": ["fisher", "gram"], "grams": grams})
     return uri
+
+
+def section_of(method, pname: str) -> str | None:
+    """The config section holding parameter `pname` of `method` (a borrowed one sits in its owner's)."""
+    for other in method.borrows:
+        if pname in METHODS[other].Params.model_fields:
+            return METHODS[other].config_section
+    return method.config_section
 
 
 @pytest.fixture(scope="module")
@@ -50,26 +70,31 @@ def zoo(tmp_path_factory) -> dict:
 
 def raw_config(zoo: dict, method: str, output: str, **params) -> dict:
     m = METHODS[method]
+    stats = m.statistics(m.Params())
     raw = {
         "name": f"reg-{method}",
         "method": method,
         "models": [
-            {"name": n, "path": p, "weight": w, **({"fisher": zoo["fishers"][n]} if m.needs_fisher else {})}
+            {"name": n, "path": p, "weight": w, **({"fisher": zoo["fishers"][n]} if stats else {})}
             for (n, p), w in zip(zoo["models"].items(), (0.7, 0.4))
         ],
         "output": output,
         "dtype": "float32",
         **({"base": zoo["base"]} if m.needs_base else {}),
     }
-    section = raw.setdefault(m.config_section, {}) if m.config_section else raw
-    section.update(params)
+    for pname, value in params.items():
+        where = section_of(m, pname)
+        (raw.setdefault(where, {}) if where else raw)[pname] = value
     return raw
 
 
 def changed_value(field):
-    """A valid value other than the default: the negated bool, or a number the validators accept."""
+    """A valid value other than the default: the negated bool, another choice of a Literal (the last
+    one), or a number the validators accept."""
     if field.annotation is bool or isinstance(field.default, bool):
         return not field.default
+    if typing.get_origin(field.annotation) is typing.Literal:
+        return typing.get_args(field.annotation)[-1]
     return 0.5 if field.default != 0.5 else 0.9
 
 
@@ -82,7 +107,8 @@ def test_every_method_through_its_declarations(zoo, name, tmp_path: Path) -> Non
     method = METHODS[name]
     cfg = MergeConfig.model_validate(raw_config(zoo, name, str(tmp_path / "out")))
     plan = build_plan(cfg)
-    assert plan.params == method.Params()  # the config's defaults are the method's own
+    # the config's defaults are the method's own (with the choices left to the inputs made)
+    assert plan.params == method.resolve_params(method.Params(), ["fisher", "gram"])
     assert set(method.tracked_params(plan.params)) == set(method.Params.model_fields)
     text = format_plan(plan)
     assert all(f"{p}=" in text for p in method.Params.model_fields)
@@ -116,7 +142,7 @@ def test_a_method_parameter_belongs_to_its_declared_section(zoo, tmp_path: Path)
     for name, method in METHODS.items():
         for pname in method.Params.model_fields:
             wrong = raw_config(zoo, name, str(tmp_path / "o"))
-            if method.config_section:
+            if section_of(method, pname):
                 wrong[pname] = changed_value(method.Params.model_fields[pname])
             else:
                 wrong.setdefault("fisher", {})[pname] = changed_value(method.Params.model_fields[pname])
@@ -169,6 +195,6 @@ def test_mlflow_params_are_the_methods_own(zoo, name, tmp_path: Path) -> None:
     run = log_pipeline_run(cfg, "", plan, {}, {}, {}, uri)
     params = MlflowClient(uri).get_run(run["run_id"]).data.params
     method_keys = {k for k in params if k not in ("method", "targets") and not k.startswith("lambda/")}
-    fisher_keys = {"estimator", "fisher_examples"} if method.needs_fisher else set()
+    fisher_keys = {"estimator", "fisher_examples"} if "fisher" in plan.statistics else set()
     assert method_keys == set(method.Params.model_fields) | fisher_keys
     assert params["method"] == name

@@ -33,20 +33,9 @@ from fishmerge.fisher.rules import (
     fits_tied_path,
     rule_for,
 )
+from fishmerge.fisher.statistics import FISHER, GRAM, STATISTICS, check_statistics  # noqa: F401  (re-exported)
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
-FISHER, GRAM = "fisher", "gram"  # the statistics one estimation pass can accumulate
-STATISTICS = (FISHER, GRAM)
-
-
-def check_statistics(statistics: Sequence[str]) -> tuple[str, ...]:
-    """The statistics asked for, in canonical order; an unknown or empty list is refused."""
-    unknown = [s for s in statistics if s not in STATISTICS]
-    if unknown or not statistics:
-        raise FishmergeError(
-            f"unknown statistics {unknown or list(statistics)}: choose one or more of {', '.join(STATISTICS)}"
-        )
-    return tuple(s for s in STATISTICS if s in statistics)
 
 
 def _derives_positions_from_ids(model: nn.Module) -> bool:

@@ -16,9 +16,7 @@ import torch
 
 from fishmerge.errors import FishmergeError
 from fishmerge.fisher.rules import Call, LinearRule
-
-LAYOUT_OUT_IN = "out_in"  # nn.Linear: weight (out, in), y = x Wᵀ
-LAYOUT_IN_OUT = "in_out"  # HF Conv1D: weight (in, out), y = x W
+from fishmerge.fisher.statistics import LAYOUT_IN_OUT, LAYOUT_OUT_IN
 
 
 @dataclass

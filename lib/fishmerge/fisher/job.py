@@ -10,6 +10,7 @@ The flow `flows/estimate_fisher.py` runs them; a library user can call them in a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import threading
 import time
@@ -23,12 +24,21 @@ from fishmerge.fisher.engine import FisherAccumulator
 from fishmerge.fisher.estimators import detect_head, estimator_for, get_estimator
 from fishmerge.fisher.options import FisherOptions
 from fishmerge.fisher.reduce import CorruptPartials, reduce_partials
-from fishmerge.fisher.shards import Shard, complete_shards, discard_shard, partials_uri, write_partial
+from fishmerge.fisher.shards import (
+    PartialGram,
+    Shard,
+    complete_shards,
+    discard_shard,
+    partials_uri,
+    write_partial,
+)
+from fishmerge.fisher.statistics import FISHER, GRAM, STATISTICS, check_statistics
 from fishmerge.fisher.store import (
     FORMAT,
-    FORMAT_VERSION,
     WRITING,
     check_store_path,
+    held_statistics,
+    is_finished,
     open_fisher_store,
     stored_attributes,
 )
@@ -54,11 +64,12 @@ from fishmerge.io.data import (
 )
 
 DEFAULT_STORE_ROOT = "./.fishmerge/fishers"
+ID_FORMAT_VERSION = 1  # part of every Fisher id: v2 stores (Grams) are named by their statistics instead
 
 
 def _option(name: str):
     """The default of a Fisher option, from its one definition (`fishmerge.fisher.options.FisherOptions`)."""
-    return FisherOptions.model_fields[name].default
+    return FisherOptions.model_fields[name].get_default(call_default_factory=True)
 
 
 @dataclass
@@ -83,6 +94,7 @@ class FisherSpec:
     max_memory: int = _option("max_memory")
     fallback: str = _option("fallback")
     messages_field: str | None = None  # causal LMs: a chat-style messages column (the last turn is the response)
+    statistics: list[str] = field(default_factory=lambda: _option("statistics"))  # fisher and/or gram
 
 
 @dataclass
@@ -97,10 +109,19 @@ class Resolved:
     label_field: str | None
     indices: list[int]
     store: str
+    estimation_id: str = ""  # the id of the same estimation with the Fisher only: names every store of it
+    donor: str | None = None  # a finished store of this estimation holding some of the statistics asked for
+    compute: list[str] = field(default_factory=list)  # the statistics this run computes (not in the donor)
+    siblings: dict[str, str] = field(default_factory=dict)  # "fisher,gram" -> where that store of it would be
 
     @property
     def partials(self) -> str:
         return partials_uri(self.store)
+
+    @property
+    def to_compute(self) -> list[str]:
+        """The statistics this run computes: those asked for that the donor store lacks."""
+        return list(self.compute or self.spec.statistics)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "spec": asdict(self.spec)}
@@ -120,7 +141,9 @@ def fisher_id(
     tokenizer_fp: str | None = None,
 ) -> str:
     """Content address of a Fisher: what it was computed from and how, never where or on what device.
-    (`lm_format` only for causal LMs on prompt/response or chat data, so other ids stay as they were.)"""
+    (`lm_format` only for causal LMs on prompt/response or chat data, and `statistics` only when they
+    are not the Fisher alone, so other ids stay as they were.)"""
+    statistics = list(check_statistics(spec.statistics))
     key = {
         "model": model_fp,
         "data": data_fp,
@@ -130,7 +153,8 @@ def fisher_id(
         "max_length": spec.max_length,
         "text_fields": list(spec.text_fields),
         "label_field": label_field,
-        "format_version": FORMAT_VERSION,
+        "format_version": ID_FORMAT_VERSION,
+        **({"statistics": statistics} if statistics != [FISHER] else {}),
         **(
             {"lm_format": lm_format, "messages_field": spec.messages_field, "tokenizer": tokenizer_fp}
             if lm_format
@@ -187,7 +211,11 @@ def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAUL
     layout = lm_format(head, spec.text_fields, spec.messages_field)  # pairs/chat: the tokenizer decides the mask
     tok_fp = tokenizer_fingerprint(spec.model) if layout else None
     fid = fisher_id(model_fp, data_fp, spec, len(indices), label_field, layout, tok_fp)
-    uri = storage.normalize(store) if store else storage.join(storage.normalize(store_root), f"{fid}.zarr")
+    estimation = fisher_id(
+        model_fp, data_fp, replace(spec, statistics=[FISHER]), len(indices), label_field, layout, tok_fp
+    )
+    root = storage.normalize(store_root)
+    uri = storage.normalize(store) if store else storage.join(root, f"{fid}.zarr")
     if not storage.is_remote(uri):
         for target in (uri, partials_uri(uri)):
             safety.check_not_input(
@@ -198,17 +226,56 @@ def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAUL
             )
     if store:
         check_store_path(uri)
-    return Resolved(spec, fid, model_fp, data_fp, head, label_field, indices, uri)
+    r = Resolved(spec, fid, model_fp, data_fp, head, label_field, indices, uri, estimation)
+    if not store:  # content-addressed: the same estimation's stores with other statistics are looked at too
+        for size in range(1, len(STATISTICS) + 1):
+            for combo in itertools.combinations(STATISTICS, size):
+                if list(combo) != list(spec.statistics):
+                    other = fisher_id(
+                        model_fp,
+                        data_fp,
+                        replace(spec, statistics=list(combo)),
+                        len(indices),
+                        label_field,
+                        layout,
+                        tok_fp,
+                    )
+                    r.siblings[",".join(combo)] = storage.join(root, f"{other}.zarr")
+    r.donor = _donor(r, [uri, *r.siblings.values()])
+    held = held_statistics(stored_attributes(r.donor)) if r.donor else ()
+    r.compute = [s for s in spec.statistics if s not in held]
+    return r
+
+
+def _same_estimation(r: Resolved, attrs: dict) -> bool:
+    """A finished store of this very estimation (same model, data, examples, options), whatever it holds."""
+    return is_finished(attrs) and (attrs.get("estimation_id") or attrs.get("fisher_id")) == r.estimation_id
+
+
+def _donor(r: Resolved, candidates: list[str]) -> str | None:
+    """The finished store of this estimation sharing the most statistics with those asked for, but not
+    all of them (a store holding them all is reused as it is): its arrays are copied, the rest computed."""
+    best, most = None, 0
+    for uri in candidates:
+        attrs = stored_attributes(uri)
+        if not _same_estimation(r, attrs):
+            continue
+        shared = len(set(held_statistics(attrs)) & set(r.spec.statistics))
+        if most < shared < len(r.spec.statistics):
+            best, most = uri, shared
+    return best
 
 
 def existing_store(r: Resolved, keep_partials: bool = False) -> str | None:
-    """The finished store for this Fisher id, or None. A store of another Fisher is an error.
+    """The finished store for this Fisher id (or one of the same estimation holding more statistics than
+    asked for), or None. A store of another Fisher at an explicit --store is an error; one of the same
+    estimation holding fewer statistics is None (its arrays are copied, the rest computed, and it is replaced).
 
     A store fishmerge was writing when it was killed (a remote store is copied into place from its
     staging prefix, marked `writing` until its group metadata is copied last) is not finished: None,
     and the next write replaces it."""
     if not storage.exists(storage.join(r.store, "zarr.json")):
-        return None
+        return _superset_sibling(r)
     stored = stored_attributes(r.store)
     if stored.get("format") == FORMAT and stored.get("format_state") == WRITING:
         return None
@@ -218,7 +285,7 @@ def existing_store(r: Resolved, keep_partials: bool = False) -> str | None:
         if r.store.endswith(f"{r.fisher_id}.zarr"):
             return None  # a torn content-addressed store: recompute it
         raise
-    if attrs.get("fisher_id") == r.fisher_id:
+    if attrs.get("fisher_id") == r.fisher_id or _holds_all(r, attrs):
         if not storage.is_remote(r.store):
             safety.drop_lock_file(r.store)  # left inside the store by a kill right after its rename
         # partials left when a run was killed between the commit and their removal (unless kept on purpose)
@@ -226,6 +293,8 @@ def existing_store(r: Resolved, keep_partials: bool = False) -> str | None:
         if storage.exists(r.partials) and not kept:
             _drop_partials(r, keep=False)
         return r.store
+    if _same_estimation(r, attrs):
+        return None  # holds some of the statistics: the others are computed and the store completed
     if attrs.get("model_fingerprint") != r.model_fingerprint:
         raise FishmergeError(
             f"the store '{r.store}' holds a Fisher of another model (fingerprint {attrs.get('model_fingerprint')}, "
@@ -235,6 +304,18 @@ def existing_store(r: Resolved, keep_partials: bool = False) -> str | None:
         f"the store '{r.store}' holds another Fisher (id {attrs.get('fisher_id')}, asked for {r.fisher_id}: "
         "different data, estimator, N, seed or length): choose another --store, or delete it to recompute"
     )
+
+
+def _holds_all(r: Resolved, attrs: dict) -> bool:
+    return _same_estimation(r, attrs) and set(r.spec.statistics) <= set(held_statistics(attrs))
+
+
+def _superset_sibling(r: Resolved) -> str | None:
+    """A content-addressed store of the same estimation holding every statistic asked for and more."""
+    for uri in r.siblings.values():  # none for an explicit --store: the only place looked at
+        if _holds_all(r, stored_attributes(uri)):
+            return uri
+    return None
 
 
 def compute_shard(r: Resolved, shard: Shard, progress: bool = False) -> dict:
@@ -262,6 +343,7 @@ def compute_shard(r: Resolved, shard: Shard, progress: bool = False) -> dict:
     )
     names = checkpoint_names(model, checkpoint_keys(spec.model))
     device = next(model.parameters()).device
+    compute = r.to_compute
     t0 = time.perf_counter()
     with FisherAccumulator(
         model,
@@ -271,6 +353,7 @@ def compute_shard(r: Resolved, shard: Shard, progress: bool = False) -> dict:
         max_memory=spec.max_memory,
         fallback=spec.fallback,
         verify=shard.index == 0,  # the model-structure check needs one batch per Fisher, not per shard
+        statistics=compute,
     ) as acc:
         bar = tqdm(
             total=len(encoded),
@@ -283,10 +366,11 @@ def compute_shard(r: Resolved, shard: Shard, progress: bool = False) -> dict:
             acc.add_batch(batch, ids)
             bar.update(len(ids))
         bar.close()
-        sums = {names[k]: v.cpu().numpy() for k, v in acc.sums.items()}
+        sums = {names[k]: v.cpu().numpy() for k, v in acc.sums.items()} if FISHER in compute else {}
+        grams = partial_grams(acc.grams(), names) if GRAM in compute else {}
         fallback = acc.fallback_modules
     compute_s = time.perf_counter() - t0
-    write_partial(r.partials, shard, r.fisher_id, sums, len(encoded))
+    write_partial(r.partials, shard, r.fisher_id, sums, len(encoded), grams, compute)
     return {
         "shard": shard.index,
         "n_examples": len(encoded),
@@ -297,6 +381,15 @@ def compute_shard(r: Resolved, shard: Shard, progress: bool = False) -> dict:
         "padded_length": int(encoded.input_ids.shape[1]),
         "fallback_modules": fallback,
     }
+
+
+def partial_grams(grams: dict, names: dict[str, str]) -> dict[str, PartialGram]:
+    """The accumulator's Grams keyed to checkpoint keys (their first weight's), for a shard partial."""
+    out = {}
+    for g in grams.values():
+        keys = [names[w] for w in g.weights]
+        out[keys[0]] = PartialGram(g.sum.numpy(), g.tokens, {names[w]: g.layouts[w] for w in g.weights})
+    return out
 
 
 _loaded = threading.local()
@@ -313,7 +406,7 @@ def _cached_model(spec: FisherSpec, fingerprint: str):
 
 
 def missing_shards(r: Resolved, plan: list[Shard]) -> list[Shard]:
-    done = complete_shards(r.partials, r.fisher_id, plan)
+    done = complete_shards(r.partials, r.fisher_id, plan, r.to_compute)
     return [s for s in plan if s.index not in done]
 
 
@@ -324,13 +417,18 @@ def finish(r: Resolved, plan: list[Shard], summaries: list[dict], wall_s: float,
     if done:
         _drop_partials(r, keep_partials)
         return done
-    markers = complete_shards(r.partials, r.fisher_id, plan)
+    markers = complete_shards(r.partials, r.fisher_id, plan, r.to_compute)
     missing = [s.index for s in plan if s.index not in markers]
     if missing:
         raise FishmergeError(f"shards {missing} of {r.fisher_id} are not complete: rerun to compute them")
     first = summaries[0] if summaries else {}
+    from_donor = tuple(s for s in r.spec.statistics if s not in r.to_compute)
     attrs = {
         "fisher_id": r.fisher_id,
+        "estimation_id": r.estimation_id,
+        "statistics": list(r.spec.statistics),
+        "statistics_computed_last_run": list(r.to_compute),
+        **({"statistics_copied_from": r.donor} if from_donor else {}),
         "estimator": r.spec.estimator,
         "model_fingerprint": r.model_fingerprint,
         "data_fingerprint": r.data_fingerprint,
@@ -345,7 +443,7 @@ def finish(r: Resolved, plan: list[Shard], summaries: list[dict], wall_s: float,
         "examples_per_s": round(len(r.indices) / wall_s, 3) if wall_s > 0 else None,
     }
     try:
-        uri = reduce_partials(r.partials, plan, markers, r.store, attrs)
+        uri = reduce_partials(r.partials, plan, markers, r.store, attrs, donor=r.donor, from_donor=from_donor)
     except CorruptPartials as exc:
         # damaged or missing partial data; or not corrupt: a concurrent run finished first and took them
         done = existing_store(r, keep_partials)

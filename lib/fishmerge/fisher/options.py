@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from fishmerge.fisher.engine import DEFAULT_MAX_MEMORY
 from fishmerge.fisher.estimators import AUTO, DEFAULT_ESTIMATOR, ESTIMATORS, get_estimator
+from fishmerge.fisher.statistics import FISHER, STATISTICS, check_statistics
 from fishmerge.schema import Strict, at_least
 from fishmerge.sizes import parse_size
 
@@ -35,9 +36,27 @@ class FisherOptions(Strict):
     fallback: Literal["vmap", "error"] = Field(
         "vmap", description="modules without a per-layer rule: vmap(grad) fallback, or reject them"
     )
+    statistics: list[Literal[STATISTICS]] = Field(
+        default_factory=lambda: [FISHER],
+        description="what the pass accumulates, a[,b]: fisher (diagonal Fisher), gram (Linear input Grams, for regmean)",
+    )
 
     _counts = at_least(1, "examples", "batch_size", "max_memory")
     _length = at_least(2, "max_length")
+
+    @field_validator("statistics", mode="before")
+    @classmethod
+    def _statistics(cls, v):
+        if isinstance(v, str):  # the CLI's a,b
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        if isinstance(v, list | tuple) and not v:
+            raise ValueError(f"names no statistic: choose one or more of {', '.join(STATISTICS)}")
+        return v
+
+    @field_validator("statistics")
+    @classmethod
+    def _canonical(cls, v: list[str]) -> list[str]:
+        return list(check_statistics(v))
 
     @field_validator("max_memory", mode="before")
     @classmethod

@@ -1,10 +1,11 @@
-"""Reduce shard partials into a v1 Fisher store with Dask: blockwise sums, bounded memory.
+"""Reduce shard partials into a Fisher store (v1; v2 with Grams) with Dask: blockwise sums, bounded memory.
 
 The work is planned as blocks of whole output chunks (small tensors packed together, about
 BLOCK_BYTES of output per block) so that a model with hundreds of tensors is a few dozen Dask
 tasks, not thousands. Each block reads its rows from every shard (checksummed chunks), checks
-them, sums in fp32, divides by N and writes its output chunks: memory ≈ 2 × BLOCK_BYTES per
-thread whatever the model size.
+them, sums in fp32, divides the Fishers by N (Grams stay sums) and writes its output chunks:
+memory ≈ 2 × BLOCK_BYTES per thread whatever the model size. Statistics this run did not compute
+are copied block by block from the donor store of the same estimation (`donor`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ import numpy as np
 
 from fishmerge.errors import FishmergeError
 from fishmerge.fisher.shards import Shard, open_partial
-from fishmerge.fisher.store import abort_store, begin_store, chunk_shape, commit_store, create_fisher_array
+from fishmerge.fisher.statistics import FISHER, GRAM
+from fishmerge.fisher.store import (
+    FisherReader,
+    abort_store,
+    begin_store,
+    chunk_shape,
+    commit_store,
+    create_fisher_array,
+    stored_grams,
+)
 
 BLOCK_BYTES = 32 * 2**20
 
@@ -63,9 +73,34 @@ def plan_blocks(shapes: dict[str, tuple[int, ...]]) -> list[list[tuple[str, int,
     return blocks
 
 
+def _range_stats(key: str, out: np.ndarray, start: int) -> tuple:
+    """(key, mass, max, zeros, count) of a Fisher range; (key, trace, max, 0, count) of a Gram's rows."""
+    if key.startswith("gram/"):
+        rows = np.arange(out.shape[0])
+        return (key, float(out[rows, rows + start].sum(dtype=np.float64)), float(np.abs(out).max(initial=0.0)), 0, 0)
+    return (key, float(out.sum(dtype=np.float64)), float(out.max(initial=0.0)), int((out == 0).sum()), int(out.size))
+
+
+def _copy_block(block, donor: str, dst) -> tuple[list[int], list[tuple]]:
+    """Copy one block of arrays from the donor store (statistics this run did not compute)."""
+    reader = FisherReader(donor)
+    stats = []
+    for key, start, stop in block:
+        out = reader.rows(key, start, stop)
+        if not np.isfinite(out).all():
+            raise FishmergeError(f"the store '{donor}' holds NaN/Inf in '{key}': delete it to recompute")
+        if dst[key].ndim:
+            dst[key][start:stop] = out
+        else:
+            dst[key][...] = out
+        stats.append(_range_stats(key, out, start))
+    return [], stats
+
+
 def _reduce_block(block, sources: dict[int, object], dst, n_total: int) -> tuple[list[int], list[tuple]]:
     """Sum one block over shards into `dst`; return (shards whose data was unreadable or NaN,
-    per-range statistics (key, mass, max, zeros, count) for the store's `tensor_stats`)."""
+    per-range statistics (key, mass, max, zeros, count) for the store's `tensor_stats`). Fishers are
+    divided by N; Grams (`gram/…`) stay sums."""
     bad, stats = [], []
     for key, start, stop in block:
         acc = None
@@ -84,50 +119,78 @@ def _reduce_block(block, sources: dict[int, object], dst, n_total: int) -> tuple
             acc = part.copy() if acc is None else np.add(acc, part, out=acc)
         if bad:
             return sorted(set(bad)), []
-        out = acc / np.float32(n_total)
+        out = acc if key.startswith("gram/") else acc / np.float32(n_total)
         if dst[key].ndim:
             dst[key][start:stop] = out
         else:
             dst[key][...] = out
-        stats.append(
-            (key, float(out.sum(dtype=np.float64)), float(out.max(initial=0.0)), int((out == 0).sum()), int(out.size))
-        )
+        stats.append(_range_stats(key, out, start))
     return [], stats
 
 
 def reduce_partials(
-    partials: str, plan: list[Shard], markers: dict[int, dict], store_uri: str, attrs: dict, num_workers: int = 2
+    partials: str,
+    plan: list[Shard],
+    markers: dict[int, dict],
+    store_uri: str,
+    attrs: dict,
+    num_workers: int = 2,
+    donor: str | None = None,
+    from_donor: tuple[str, ...] = (),
 ) -> str:
-    """F = Σ_shards Σₙ gₙ² / N into `store_uri`; raises CorruptPartials naming shards to recompute
-    (only for damaged or missing partial data: any other error propagates as it is)."""
-    sources, bad, shapes = {}, [], {}
+    """F = Σ_shards Σₙ gₙ² / N and G = Σ_shards Σ xxᵀ into `store_uri`, with the arrays of the statistics
+    `from_donor` copied from the `donor` store; raises CorruptPartials naming shards to recompute (only for damaged
+    or missing partial data: any other error propagates as it is)."""
+    sources, bad, shapes, grams = {}, [], {}, {}
     for s in plan:
         try:
-            sources[s.index] = open_partial(partials, s, markers[s.index])
+            sources[s.index] = group = open_partial(partials, s, markers[s.index])
+            held = stored_grams(group)
             if s.index == plan[0].index:  # every partial holds the same arrays
-                shapes = {name: tuple(arr.shape) for name, arr in sources[s.index].arrays()}
+                shapes = {name: tuple(arr.shape) for name, arr in group.arrays()}
+                shapes.update({g["array"]: tuple(group[g["array"]].shape) for g in held.values()})
+                grams = {k: {**g, "tokens": 0} for k, g in held.items()}
+            if set(held) != set(grams):
+                raise KeyError(f"shard {s.index} holds Grams of other weights")
+            for k, g in held.items():
+                grams[k]["tokens"] += int(g["tokens"])
         except Exception as exc:
             if not is_corruption(exc):
                 raise
             bad.append(s.index)
     if bad:
         raise CorruptPartials(bad)
+    copied: dict[str, tuple[int, ...]] = {}
+    if donor and from_donor:
+        source = FisherReader(donor)
+        if GRAM in from_donor:
+            grams = stored_grams(source.group)
+            copied.update({g["array"]: tuple(source.group[g["array"]].shape) for g in grams.values()})
+        if FISHER in from_donor:
+            copied.update({name: tuple(arr.shape) for name, arr in source.group.arrays()})
     n_total = sum(int(markers[s.index]["n_examples"]) for s in plan)
     staging, out = begin_store(store_uri)
     try:
-        dst = {key: create_fisher_array(out, key, shape) for key, shape in shapes.items()}
+        dst = {key: create_fisher_array(out, key, shape) for key, shape in {**shapes, **copied}.items()}
         tasks = [dask.delayed(_reduce_block)(b, sources, dst, n_total) for b in plan_blocks(shapes)]
+        tasks += [dask.delayed(_copy_block)(b, donor, dst) for b in plan_blocks(copied)] if copied else []
         results = dask.compute(*tasks, scheduler="threads", num_workers=num_workers)
         bad = sorted({i for found, _ in results for i in found})
         if bad:
             raise CorruptPartials(bad)
-        totals: dict[str, list] = {k: [0.0, 0.0, 0, 0] for k in shapes}
+        totals: dict[str, list] = {k: [0.0, 0.0, 0, 0] for k in {**shapes, **copied}}
         for _, stats in results:
             for key, mass, peak, zeros, count in stats:
                 t = totals[key]
                 t[0], t[1], t[2], t[3] = t[0] + mass, max(t[1], peak), t[2] + zeros, t[3] + count
-        summary = {k: {"mass": t[0], "max": t[1], "zero_fraction": t[2] / max(t[3], 1)} for k, t in totals.items()}
-        return commit_store(staging, store_uri, out, {**attrs, "n_examples": n_total, "tensor_stats": summary})
+        summary = {
+            k: {"mass": t[0], "max": t[1], "zero_fraction": t[2] / max(t[3], 1)}
+            for k, t in totals.items()
+            if not k.startswith("gram/")
+        }
+        gram_stats = {k: {"trace": t[0], "max_abs": t[1]} for k, t in totals.items() if k.startswith("gram/")}
+        extra = {"grams": grams, "gram_stats": gram_stats} if grams else {}
+        return commit_store(staging, store_uri, out, {**attrs, "n_examples": n_total, "tensor_stats": summary, **extra})
     except BaseException:
         abort_store(staging)
         raise

@@ -9,7 +9,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from fishmerge.fisher.store import open_fisher_store
+from fishmerge.fisher.statistics import FISHER, GRAM
+from fishmerge.fisher.store import held_statistics, open_fisher_store, stored_grams
 from fishmerge.io import storage
 
 _LAYER = re.compile(r"^(.*?\.(?:layer|layers|h|block|blocks)\.\d+)\.")
@@ -95,11 +96,15 @@ def inspect_store(uri: str) -> tuple[str, list[str]]:
     group = open_fisher_store(uri)
     lines = [f"Fisher store {storage.normalize(uri)}"]
     for k, v in sorted(dict(group.attrs).items()):
-        if k != "tensor_stats":  # shown as the table below
+        if k not in ("tensor_stats", "grams", "gram_stats"):  # shown as the tables below
             lines.append(f"  {k}: {v}")
+    problems: list[str] = []
+    if GRAM in held_statistics(group.attrs):
+        lines += ["", *gram_table(group, problems)]
+    if FISHER not in held_statistics(group.attrs):
+        return "\n".join(lines), problems
     recorded = group.attrs.get("tensor_stats") or {}
     rows = tensor_stats(uri, from_data=True)
-    problems = []
     lines.append("")
     lines.append(f"{'tensor':60s} {'shape':>16s} {'mean':>11s} {'max':>11s} {'zeros':>7s} {'mass':>7s} {'NaN/Inf':>8s}")
     for r in rows:
@@ -114,6 +119,29 @@ def inspect_store(uri: str) -> tuple[str, list[str]]:
             if not math.isclose(want, r["mass"], rel_tol=1e-4, abs_tol=1e-30):
                 problems.append(f"'{r['tensor']}' sums to {r['mass']:.6g}, recorded {want:.6g} at write time")
     return "\n".join(lines), problems
+
+
+def gram_table(group, problems: list[str]) -> list[str]:
+    """One line per stored Gram, read from its data: the weights reading it, width, tokens, the mean
+    squared input norm (trace / tokens), its asymmetry and NaN/Inf count (each a problem when not 0)."""
+    by_array: dict[str, list[str]] = {}
+    grams = stored_grams(group)
+    for key, entry in grams.items():
+        by_array.setdefault(entry["array"], []).append(key)
+    lines = [f"Grams: {len(by_array)} stored for {len(grams)} weights"]
+    lines.append(f"{'gram (weights reading it)':72s} {'width':>6s} {'tokens':>9s} {'E‖x‖²':>11s} {'NaN/Inf':>8s}")
+    for path, keys in sorted(by_array.items()):
+        g = np.asarray(group[path][...], dtype=np.float64)
+        tokens = int(grams[keys[0]]["tokens"])
+        bad = int((~np.isfinite(g)).sum())
+        clean = np.where(np.isfinite(g), g, 0.0)
+        label = keys[0] + (f" (+{len(keys) - 1})" if len(keys) > 1 else "")
+        lines.append(f"{label[:72]:72s} {g.shape[0]:6d} {tokens:9d} {np.trace(clean) / max(tokens, 1):11.4e} {bad:8d}")
+        if bad:
+            problems.append(f"the Gram '{path}' holds {bad} NaN/Inf value(s)")
+        elif not np.allclose(clean, clean.T, rtol=1e-5, atol=1e-6 * max(float(np.abs(clean).max()), 1e-30)):
+            problems.append(f"the Gram '{path}' is not symmetric: the store is damaged")
+    return lines
 
 
 def layer_mass_markdown(rows: list[dict]) -> str:

@@ -1,10 +1,17 @@
-"""Fisher store format v1: a Zarr v3 group, one float32 array per checkpoint tensor key.
+"""Fisher store formats v1 and v2: a Zarr v3 group of merge statistics keyed to checkpoint tensors.
 
 Public contract (sharded estimation and merging build on it):
-- array path = the tensor's key in the model's safetensors checkpoint, same shape, float32,
-  holding F already divided by N; uncompressed (Fishers barely compress and zstd reads slower);
-- group attributes at least `format`, `format_version`, `estimator`, `n_examples`,
+- v1: one array per checkpoint tensor key, same shape, float32, holding the diagonal Fisher F
+  already divided by N; uncompressed (Fishers barely compress and zstd reads slower);
+  group attributes at least `format`, `format_version`, `estimator`, `n_examples`,
   `model_fingerprint`, `data_fingerprint`, `created`, `fishmerge_version`.
+- v2 (written when a store holds Gram statistics): v1's attributes plus `statistics` (a list of
+  `fisher`, `gram`) and `grams`, a map from a Linear weight's checkpoint key to
+  {`array`: path of its Gram, `tokens`: rows summed, `layout`: `out_in` (nn.Linear) or `in_out`
+  (HF Conv1D)}. The Fisher arrays sit where v1 puts them (present only when `statistics` lists
+  `fisher`); each Gram G = Σ x xᵀ (in × in, float32, a sum: never divided) is an array under the
+  subgroup `gram/`, named by the first weight key that reads it (q/k/v share one), row-chunked,
+  uncompressed.
 Written aside and renamed into place (object stores: copied into place, group metadata last), so a
 reader never sees a half-written store.
 """
@@ -24,10 +31,14 @@ import zarr
 
 from fishmerge import __version__
 from fishmerge.errors import FishmergeError
+from fishmerge.fisher.statistics import GRAM
 from fishmerge.io import safety, storage
 
 FORMAT = "fishmerge.fisher"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a store of Fishers only
+GRAM_FORMAT_VERSION = 2  # a store holding Grams (and Fishers, when asked for)
+READ_VERSIONS = (FORMAT_VERSION, GRAM_FORMAT_VERSION)
+GRAM_GROUP = "gram"
 REQUIRED_ATTRS = (
     "format",
     "format_version",
@@ -53,8 +64,22 @@ def chunk_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def create_fisher_array(group: zarr.Group, key: str, shape: tuple[int, ...]) -> zarr.Array:
-    """A v1 Fisher array: float32, row chunks, uncompressed."""
-    return group.create_array(name=key, shape=shape, dtype="float32", chunks=chunk_shape(shape), compressors=None)
+    """A store array (a Fisher, or a Gram at `gram/<key>`): float32, row chunks, uncompressed."""
+    parent, _, name = key.rpartition("/")
+    if parent:
+        group = group.require_group(parent)
+    return group.create_array(name=name, shape=shape, dtype="float32", chunks=chunk_shape(shape), compressors=None)
+
+
+def gram_path(key: str) -> str:
+    """Where the Gram first read by weight `key` sits in a store or a partial."""
+    return f"{GRAM_GROUP}/{key}"
+
+
+def held_statistics(attrs: Mapping[str, object]) -> tuple[str, ...]:
+    """The statistics a store's attributes say it holds (a v1 store: the Fisher)."""
+    held = attrs.get("statistics")
+    return tuple(held) if isinstance(held, list) else ("fisher",)
 
 
 WRITING = "writing"  # `format_state` of a store being written (staged, or being copied into place on S3)
@@ -128,9 +153,10 @@ def begin_store(uri: str) -> tuple[str, zarr.Group]:
 
 def commit_store(staging: str, uri: str, group: zarr.Group, attrs: Mapping[str, object]) -> str:
     """Write the attributes (last: a store without them is not a Fisher store) and move into place."""
+    version = GRAM_FORMAT_VERSION if GRAM in held_statistics(attrs) else FORMAT_VERSION
     full = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "fishmerge_version": __version__,
         **attrs,
@@ -138,6 +164,8 @@ def commit_store(staging: str, uri: str, group: zarr.Group, attrs: Mapping[str, 
     missing = [k for k in REQUIRED_ATTRS if k not in full]
     if missing:
         raise FishmergeError(f"Fisher store attributes {missing} are required by format v1")
+    if version == GRAM_FORMAT_VERSION and not isinstance(full.get("grams"), dict):
+        raise FishmergeError("a store holding Grams needs the `grams` attribute (format v2)")
     uri = storage.normalize(uri)
     if storage.is_remote(uri):
         group.attrs.put(full)  # replaces the `writing` state: the staged store is complete
@@ -155,10 +183,10 @@ def commit_store(staging: str, uri: str, group: zarr.Group, attrs: Mapping[str, 
     return uri
 
 
-def _finished(attrs: Mapping[str, object]) -> bool:
-    """A complete v1 Fisher store's attributes (not one being written, torn, or of another version)."""
+def is_finished(attrs: Mapping[str, object]) -> bool:
+    """A complete Fisher store's attributes (not one being written, torn, or of a version not read here)."""
     state = (attrs.get("format"), attrs.get("format_version"), attrs.get("format_state"))
-    return state[:2] == (FORMAT, FORMAT_VERSION) and state[2] != WRITING
+    return state[0] == FORMAT and state[1] in READ_VERSIONS and state[2] != WRITING
 
 
 def _publish_remote(staging: str, uri: str, attrs: Mapping[str, object]) -> None:
@@ -171,7 +199,7 @@ def _publish_remote(staging: str, uri: str, attrs: Mapping[str, object]) -> None
     finished one. A finished store another run wrote is never deleted nor overwritten: the same
     Fisher (same `fisher_id`) is kept as it is, anything else is an error."""
     current = stored_attributes(uri)
-    if _finished(current):
+    if is_finished(current):
         ours = attrs.get("fisher_id")
         if ours is None or current.get("fisher_id") != ours:
             raise FishmergeError(
@@ -244,18 +272,30 @@ def open_fisher_store(uri: str) -> zarr.Group:
         raise FishmergeError(
             f"the Fisher store '{uri}' is incomplete (its write was interrupted): rerun to recompute it"
         )
-    if attrs.get("format_version") != FORMAT_VERSION:
+    if attrs.get("format_version") not in READ_VERSIONS:
         raise FishmergeError(
             f"'{uri}' has Fisher store format_version {attrs.get('format_version')}; this fishmerge reads "
-            f"version {FORMAT_VERSION}: recompute the Fisher or upgrade fishmerge"
+            f"versions {', '.join(map(str, READ_VERSIONS))}: recompute the Fisher or upgrade fishmerge"
         )
     return group
 
 
 def read_fisher(uri: str) -> dict[str, np.ndarray]:
-    """All arrays of a store as numpy (for tests and small models)."""
+    """All Fisher arrays of a store as numpy (for tests and small models)."""
     group = open_fisher_store(uri)
     return {name: arr[...] for name, arr in group.arrays()}
+
+
+def read_grams(uri: str) -> dict[str, tuple[np.ndarray, int, str]]:
+    """Weight key -> (its Gram Σ x xᵀ, tokens, layout) of a store (for tests and small models)."""
+    group = open_fisher_store(uri)
+    return {k: (group[g["array"]][...], int(g["tokens"]), g["layout"]) for k, g in stored_grams(group).items()}
+
+
+def stored_grams(group: zarr.Group) -> dict[str, dict]:
+    """A store's `grams` map (weight key -> {array, tokens, layout}); empty for a store without Grams."""
+    grams = group.attrs.get("grams")
+    return dict(grams) if isinstance(grams, dict) else {}
 
 
 class FisherReader:

@@ -17,7 +17,9 @@ from pydantic import BaseModel, Field, ValidationError, create_model, field_vali
 
 from fishmerge.errors import FishmergeError
 from fishmerge.fisher.options import FisherOptions
+from fishmerge.fisher.statistics import STATISTICS
 from fishmerge.merge.methods import METHODS, get_method, params_in_section
+from fishmerge.merge.methods.base import own_fields
 from fishmerge.pipeline.metrics import check_metric_name
 from fishmerge.schema import Strict, at_least
 from fishmerge.sizes import parse_size
@@ -87,6 +89,12 @@ class _FisherSection(FisherOptions):
 
 # The `fisher:` block also holds the parameters of the methods whose config_section is "fisher".
 FisherSection = create_model("FisherSection", __base__=_FisherSection, **params_in_section("fisher"))
+
+# Every other section a method declares (e.g. `regmean:`) is a block of its parameters alone.
+METHOD_SECTIONS = {
+    section: create_model(f"{section.title()}Section", __base__=Strict, **params_in_section(section))
+    for section in sorted({m.config_section for m in METHODS.values()} - {None, "fisher"})
+}
 
 
 def _metric_name(spec: str) -> str:
@@ -237,10 +245,15 @@ class _MergeConfig(Strict):
             raise ValueError("model weights sum to 0: give at least one model a positive weight")
         if METHODS[self.method].needs_base and not self.base:
             raise ValueError(f"method '{self.method}' needs `base:` (the pretrained model the others were tuned from)")
-        if METHODS[self.method].needs_fisher:
+        needed = METHODS[self.method].statistics(self.method_params())
+        if needed:
             lacking = [m.name for m in self.models if not m.fisher and not m.data]
             if lacking:
-                raise ValueError(f"method '{self.method}' needs `fisher:` (a store) or `data:` for model(s) {lacking}")
+                what = " and ".join({"fisher": "Fishers", "gram": "Grams"}[s] for s in needed)
+                raise ValueError(
+                    f"method '{self.method}' needs `fisher:` (a store holding its {what}) or `data:` "
+                    f"(to estimate them) for model(s) {lacking}"
+                )
         unknown = [t for t in self.targets or [] if t not in names]
         if unknown:
             raise ValueError(f"targets {unknown} are not model names ({', '.join(names)})")
@@ -251,10 +264,22 @@ class _MergeConfig(Strict):
         return self.targets or [m.name for m in self.models]
 
     def method_params(self, method: str | None = None):
-        """The validated parameters of `method` (default: the config's), read from where it declares them."""
+        """The validated parameters of `method` (default: the config's), read from where it declares them
+        (those of the methods it borrows from, from theirs)."""
         m = get_method(method or self.method)
         section = getattr(self, m.config_section) if m.config_section else self
-        return m.Params.model_validate({k: getattr(section, k) for k in m.Params.model_fields})
+        values = {k: getattr(section, k) for k in own_fields(m)}
+        for other in m.borrows:
+            values.update(self.method_params(other).model_dump())
+        return m.Params.model_validate(values)
+
+    def estimated_statistics(self) -> list[str]:
+        """The statistics estimated from a model's `data:`: what the method reads, plus `fisher.statistics`
+        when the config names them (e.g. Fishers beside regmean's Grams, for `regmean.rest`)."""
+        wanted = set(METHODS[self.method].statistics(self.method_params()))
+        if "statistics" in self.fisher.model_fields_set:
+            wanted |= set(self.fisher.statistics)
+        return [s for s in STATISTICS if s in wanted]
 
 
 # Top-level keys also hold the parameters of the methods whose config_section is None (scale, density).
@@ -263,6 +288,7 @@ MergeConfig = create_model(
     "MergeConfig",
     __base__=_MergeConfig,
     register=(RegisterConfig | None, None),
+    **{section: (model, Field(default_factory=model)) for section, model in METHOD_SECTIONS.items()},
     **params_in_section(None),
 )
 
@@ -354,8 +380,9 @@ def _resolve_paths(cfg: MergeConfig, root: Path) -> MergeConfig:
 def fisher_specs(cfg: MergeConfig) -> dict[str, dict]:
     """FisherSpec fields (fishmerge.fisher.job) for each model whose Fisher is estimated from its `data:`."""
     out = {}
+    statistics = cfg.estimated_statistics()
     for m in cfg.models:
-        if m.fisher or not m.data or not METHODS[cfg.method].needs_fisher:
+        if m.fisher or not m.data or not statistics:
             continue
         out[m.name] = {
             "model": m.path,
@@ -365,6 +392,7 @@ def fisher_specs(cfg: MergeConfig) -> dict[str, dict]:
             "label_field": m.data.label_field,
             "messages_field": m.data.messages_field,
             **{k: getattr(cfg.fisher, k) for k in FisherOptions.model_fields},
+            "statistics": statistics,
             "device": cfg.execution.device,
         }
     return out

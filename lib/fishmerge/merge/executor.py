@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fishmerge.errors import FishmergeError
+from fishmerge.fisher.statistics import FISHER
 from fishmerge.io import safety
 from fishmerge.io.safetensors import (
     FLOAT_DTYPES,
@@ -37,6 +38,7 @@ from fishmerge.io.safetensors import (
     write_rows,
 )
 from fishmerge.merge.inputs import (
+    Grams,
     base_rows,
     check_finite,
     check_input_finite,
@@ -159,14 +161,17 @@ def merge_block(plan: MergePlan, context: dict, staging: str, key: str, r0: int,
     method = plan.merge_method
     thetas = [model_rows(plan, i, key, r0, r1) for i in range(len(plan.models))]
     kwargs: dict = {"params": plan.params, "context": context["prepasses"], "key": key}
-    if method.needs_fisher:
+    if key in plan.gram_layouts:
+        kwargs["grams"], kwargs["layout"] = Grams(plan, key), plan.gram_layouts[key]
+    elif FISHER in plan.statistics:
         kwargs["fishers"] = [fisher_rows(plan, i, key, r0, r1) for i in range(len(plan.models))]
     if method.needs_base:
         kwargs["base"] = base_rows(plan, key, r0, r1)
     written = 0
     shared_result = None
+    per_target = method.per_target and key not in plan.gram_layouts  # a closed form from Grams is the same for all
     for t in plan.targets:
-        if method.per_target or shared_result is None:
+        if per_target or shared_result is None:
             merged = method.merge(thetas, np.asarray(plan.weights), target=t.index, **kwargs)
             check_finite(merged, f"merging '{key}' gave NaN/Inf", "check the weights, `scale` and the inputs")
             shared_result = merged

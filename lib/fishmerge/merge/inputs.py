@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fishmerge.errors import FishmergeError
+from fishmerge.fisher.statistics import FISHER
 from fishmerge.fisher.store import FisherReader
 from fishmerge.io.safetensors import read_rows
 
@@ -77,11 +78,45 @@ def fisher_rows(plan: MergePlan, m_index: int, key: str, r0: int, r1: int) -> np
     return values.reshape((r1 - r0, *m.refs[key].shape[1:]) if m.refs[key].shape else ())
 
 
+def gram_mean(plan: MergePlan, m_index: int, key: str) -> np.ndarray:
+    """Model `m_index`'s mean input Gram Σxxᵀ/tokens of weight `key` (fp64), checked finite."""
+    m = plan.models[m_index]
+    entry = m.grams[key]
+    reader = fisher_reader(m.fisher)
+    width = reader.group[entry["array"]].shape[0]
+    values = reader.rows(entry["array"], 0, width).astype(np.float64)
+    if not np.isfinite(values).all():
+        raise FishmergeError(
+            f"the store '{m.fisher}' of model '{m.name}' holds NaN/Inf in the Gram of '{key}': recompute it. "
+            "Nothing was written at the output."
+        )
+    values /= float(entry["tokens"])
+    return values
+
+
+class Grams:
+    """The models' mean Grams of one weight, each read when it is reached (one in memory at a time)."""
+
+    def __init__(self, plan: MergePlan, key: str):
+        self.plan, self.key = plan, key
+
+    def __len__(self) -> int:
+        return len(self.plan.models)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return gram_mean(self.plan, i, self.key)
+
+
 def merge_blocks(plan: MergePlan, key: str) -> list[tuple[int, int]]:
-    """The row blocks of merged tensor `key`: fitted to the memory budget, aligned to the Fishers' chunks."""
+    """The row blocks of merged tensor `key`: fitted to the memory budget, aligned to the Fishers' chunks;
+    a tensor merged by its Grams in blocks of the rows the planner fitted (a Conv1D's: all of them)."""
     ref = plan.models[0].refs[key]
+    if key in plan.gram_layouts:
+        return row_blocks(ref.rows, ref.row_elems, plan.gram_rows[key] * ref.row_elems)
     align = 1
-    if plan.merge_method.needs_fisher:
+    if FISHER in plan.statistics:
         arr = fisher_reader(plan.models[0].fisher).group[key]
         align = int(arr.chunks[0]) if arr.ndim else 1
     return row_blocks(ref.rows, ref.row_elems, plan.block_elems, align)

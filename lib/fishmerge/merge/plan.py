@@ -17,9 +17,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import zarr
+
 from fishmerge import __version__
 from fishmerge.errors import FishmergeError
-from fishmerge.fisher.store import open_fisher_store
+from fishmerge.fisher.statistics import FISHER, GRAM, LAYOUT_IN_OUT, LAYOUT_OUT_IN, STATISTICS
+from fishmerge.fisher.store import held_statistics, open_fisher_store, stored_grams
 from fishmerge.io import safety
 from fishmerge.io.checkpoint import cached_model_fingerprint, model_architecture, read_model_config
 from fishmerge.io.safetensors import DTYPE_NAMES, FLOAT_DTYPES, ITEMSIZE, TensorRef, tensor_index
@@ -47,6 +50,8 @@ class ModelInput:
     refs: dict[str, TensorRef]
     fisher: str | None = None
     fisher_id: str | None = None
+    statistics: tuple[str, ...] = ()  # what its store holds (or will hold, once estimated)
+    grams: dict[str, dict] = field(default_factory=dict)  # its store's `grams` map: weight key -> array, tokens, layout
 
 
 @dataclass
@@ -97,6 +102,9 @@ class MergePlan:
     est_seconds: float
     notes: list[str] = field(default_factory=list)
     config_name: str = ""
+    statistics: tuple[str, ...] = ()  # the merge statistics the method reads with these parameters
+    gram_layouts: dict[str, str] = field(default_factory=dict)  # tensors merged by their Grams -> layout
+    gram_rows: dict[str, int] = field(default_factory=dict)  # their rows per task (all of a Conv1D's)
 
     @property
     def merge_method(self) -> MergeMethod:
@@ -160,13 +168,13 @@ def _open_base(path: str, problems: list[str]) -> ModelInput | None:
     return ModelInput("base", path, 0.0, fp, arch, cfg.get("model_type", "?"), refs)
 
 
-def _check_fisher(m: ModelInput, shared: list[str], problems: list[str]) -> None:
-    """The store must be a Fisher of this very model, cover the merged tensors, and hold finite values."""
+def _open_store(m: ModelInput, problems: list[str]) -> zarr.Group | None:
+    """The model's store, if it is a store of this very model: its id, statistics and Gram map recorded."""
     try:
         group = open_fisher_store(m.fisher)
     except FishmergeError as exc:
         problems.append(f"model '{m.name}': {exc}")
-        return
+        return None
     attrs = dict(group.attrs)
     m.fisher_id = (
         attrs.get("fisher_id")
@@ -178,7 +186,57 @@ def _check_fisher(m: ModelInput, shared: list[str], problems: list[str]) -> None
             f"(fingerprint {str(attrs.get('model_fingerprint'))[:19]}…, this model is {m.fingerprint[:19]}…): "
             "point `fisher:` at this model's store, or give `data:` to estimate it"
         )
-        return
+        return None
+    m.statistics = held_statistics(attrs)
+    m.grams = stored_grams(group)
+    return group
+
+
+def _lacks(m: ModelInput, needed: tuple[str, ...], method: str, problems: list[str]) -> bool:
+    """Whether the store lacks a statistic the method reads (reported with the way to add it)."""
+    absent = [s for s in needed if s not in m.statistics]
+    if absent:
+        flags = ",".join(s for s in STATISTICS if s in {*absent, *m.statistics})
+        problems.append(
+            f"model '{m.name}': the store '{m.fisher}' holds no {' and no '.join(absent)} statistics "
+            f"(it holds {', '.join(m.statistics)}), which method '{method}' reads: add them with `fishmerge fisher "
+            f"--statistics {flags} --store {m.fisher} …` on the same data (only what is missing is computed), "
+            "or give the model `data:` without `fisher:` to estimate them"
+        )
+    return bool(absent)
+
+
+def _check_grams(m: ModelInput, group: zarr.Group, shared: list[str], problems: list[str]) -> None:
+    """Each Gram must be square, as wide as its weight's input, counted over some tokens, and finite."""
+    wrong, bad = [], []
+    stats = group.attrs.get("gram_stats") or {}
+    for key, entry in m.grams.items():
+        if key not in shared:
+            continue
+        shape, layout = m.refs[key].shape, entry.get("layout")
+        width = shape[1] if layout == LAYOUT_OUT_IN and len(shape) == 2 else shape[0] if len(shape) == 2 else None
+        try:
+            gshape = tuple(group[entry["array"]].shape)
+        except KeyError:
+            gshape = None
+        if width is None or gshape != (width, width) or layout not in (LAYOUT_OUT_IN, LAYOUT_IN_OUT):
+            wrong.append(f"{key} {gshape} ({layout}) vs weight {shape}")
+        elif int(entry.get("tokens", 0)) <= 0:
+            wrong.append(f"{key}: counted over {entry.get('tokens')} tokens")
+        elif not math.isfinite(float((stats.get(entry["array"]) or {}).get("trace", 0.0))):
+            bad.append(key)
+    if wrong:
+        problems.append(
+            f"model '{m.name}': the Grams of store '{m.fisher}' do not fit this model's weights (a Gram of another "
+            f"model?): {wrong[:3]}; recompute them for this model"
+        )
+    if bad:
+        problems.append(f"model '{m.name}': the store '{m.fisher}' holds NaN/Inf Grams for {bad[:5]}: recompute them")
+
+
+def _check_fisher(m: ModelInput, group: zarr.Group, shared: list[str], problems: list[str]) -> None:
+    """The store's Fishers must cover the merged tensors with their shapes, and hold finite values."""
+    attrs = dict(group.attrs)
     arrays = dict(group.arrays())
     missing = [k for k in shared if k not in arrays]
     wrong = [
@@ -282,14 +340,38 @@ def build_plan(
         if wrong:
             problems.append("the base model differs in shape:\n    " + "\n    ".join(wrong[:10]))
 
-    if method.needs_fisher:
+    params = cfg.method_params()
+    needed: tuple[str, ...] = ()
+    gram_layouts: dict[str, str] = {}
+    if method.statistics(params):
         fishers = fishers or {}
+        groups = {}
         for m, mc in zip(models, cfg.models):
             m.fisher = fishers.get(m.name) or mc.fisher
             if m.fisher is None:
-                notes.append(f"the Fisher of '{m.name}' will be estimated from its data first")
+                m.statistics = tuple(cfg.estimated_statistics())
+                notes.append(
+                    f"the {'/'.join(m.statistics)} statistics of '{m.name}' will be estimated from its data first"
+                )
                 continue
-            _check_fisher(m, shared, problems)
+            groups[m.name] = _open_store(m, problems)
+        available = [s for s in STATISTICS if all(s in m.statistics for m in models)]
+        params = method.resolve_params(params, available)
+        needed = method.statistics(params)
+        for m in models:
+            group = groups.get(m.name)
+            if group is None or _lacks(m, needed, cfg.method, problems):
+                continue
+            if FISHER in needed:
+                _check_fisher(m, group, shared, problems)
+            if GRAM in needed:
+                _check_grams(m, group, shared, problems)
+        if GRAM in needed and all(m.name in groups for m in models):
+            gram_layouts = {
+                k: models[0].grams[k]["layout"]
+                for k in shared
+                if all(k in m.grams for m in models) and len({m.grams[k]["layout"] for m in models}) == 1
+            }
 
     targets: list[TargetPlan] = []
     names = [m.name for m in models]
@@ -316,7 +398,6 @@ def build_plan(
     for tp in targets:
         tp.files = _shard_files(list(models[tp.index].refs), tp.dtypes, models[tp.index].refs, size)
 
-    params = cfg.method_params()
     weights = [float(w) for w in method.check_weights([m.weight for m in models])]
     n_threads = max(1, threads or os.cpu_count() or 1)
     per_elem = bytes_per_element(len(models), len(targets), method)
@@ -331,17 +412,39 @@ def build_plan(
                 f"needs about {_fmt(need)} with {n_threads} thread(s). Raise memory_limit or use fewer threads."
             ]
         )
+    gram_peak, gram_read, gram_rows = 0, 0, {}
+    usable = int(budget * 0.6) // n_threads if budget > 0 else 0  # per thread, as for blocks
+    for key, layout in gram_layouts.items():
+        ref = models[0].refs[key]
+        width = ref.shape[1] if layout == LAYOUT_OUT_IN else ref.shape[0]
+        gram_read += 4 * width * width * len(models)
+        fixed, per = method.gram_cost(len(models), width)
+        row_cost = ref.row_elems * (per_elem + per)
+        rows = (usable - fixed) // row_cost if usable > fixed else 0
+        whole = layout == LAYOUT_IN_OUT  # (Σλ G̃)⁻¹ Σλ G̃ W needs every row
+        if rows < (ref.rows if whole else 1):
+            need_rows = ref.rows if whole else 1
+            need = BASELINE_RSS + int((fixed + need_rows * row_cost) * n_threads / 0.6)
+            raise _error(
+                [
+                    f"memory_limit {_fmt(cfg.memory_limit)} is too small for this merge: merging '{key}' by its "
+                    f"Grams ({len(models)} Grams of {width}×{width}, read one at a time, and "
+                    f"{'the whole weight' if whole else 'a row of the weights'}) needs about {_fmt(need)} with "
+                    f"{n_threads} thread(s). Raise memory_limit to at least that, or use fewer threads."
+                ]
+            )
+        gram_rows[key] = min(ref.rows, rows)
+        gram_peak = max(gram_peak, fixed + gram_rows[key] * row_cost)
     shared_elems = sum(math.prod(models[0].refs[k].shape) for k in shared)
-    read = sum(m.refs[k].nbytes for m in models for k in shared)
-    if method.needs_fisher:
+    read = sum(m.refs[k].nbytes for m in models for k in shared) + gram_read
+    if FISHER in needed:
         read += 4 * shared_elems * len(models)
     if base is not None:
         read += sum(base.refs[base_keys[k]].nbytes for k in shared)
     read += sum(models[tp.index].refs[k].nbytes for tp in targets for k in tp.own_keys)
     written = sum(tp.nbytes for tp in targets)
-    peak = (
-        BASELINE_RSS
-        + n_threads * min(block, max((math.prod(models[0].refs[k].shape) for k in shared), default=1)) * per_elem
+    peak = BASELINE_RSS + n_threads * max(
+        gram_peak, min(block, max((math.prod(models[0].refs[k].shape) for k in shared), default=1)) * per_elem
     )
     passes = 1 + sum(p.passes for p in method.prepasses(params))
     est = (read * passes + written) / READ_BYTES_PER_S
@@ -367,6 +470,9 @@ def build_plan(
         est_seconds=est,
         notes=notes,
         config_name=cfg.name,
+        statistics=needed,
+        gram_layouts=gram_layouts,
+        gram_rows=gram_rows,
     )
     plan.plan_id = plan_identity(plan, cfg.dtype)
     if check_output:

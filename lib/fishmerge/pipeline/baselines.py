@@ -218,14 +218,13 @@ def directions(cfg: MergeConfig) -> dict[str, bool]:
 def content_key(plan: MergePlan, kind: str, extra: dict) -> str:
     """A cache key for search/evaluation results: the inputs (by content) and parameters the method
     reads, and the settings. Isotropic results are shared by every Fisher variant of a merge."""
-    method = plan.merge_method
     key = {
         "kind": kind,
         "version": __version__,
         "method": plan.method,
         "options": plan.params.model_dump(mode="json"),
-        "models": [[m.name, m.fingerprint, m.fisher_id if method.needs_fisher else None] for m in plan.models],
-        "base": plan.base.fingerprint if plan.base and method.needs_base else None,
+        "models": [[m.name, m.fingerprint, m.fisher_id if plan.statistics else None] for m in plan.models],
+        "base": plan.base.fingerprint if plan.base and plan.merge_method.needs_base else None,
         "targets": [t.name for t in plan.targets],
         **extra,
     }

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fishmerge.errors import FishmergeError
+from fishmerge.fisher.statistics import FISHER
 from fishmerge.merge.config import MergeConfig
 from fishmerge.merge.plan import MergePlan
 from fishmerge.pipeline.evaluation import (
@@ -57,18 +58,20 @@ class MergeInputs:
     fishers: list[dict[str, np.ndarray]] | None
     base: dict[str, np.ndarray] | None
     context: dict
+    grams: dict[str, list[np.ndarray]] | None = None  # weight key -> every model's mean Gram (Gram-merged tensors)
 
     @property
     def nbytes(self) -> int:
         parts = [*self.thetas, *(self.fishers or []), *([self.base] if self.base else [])]
-        return sum(v.nbytes for d in parts for v in d.values())
+        grams = sum(g.nbytes for gs in (self.grams or {}).values() for g in gs)
+        return sum(v.nbytes for d in parts for v in d.values()) + grams
 
 
 def load_inputs(plan: MergePlan) -> MergeInputs:
     """Read the shared tensors of every model (and Fishers, base) once, for many candidate merges;
     the method's pre-passes run by the executor's own step."""
     from fishmerge.merge.executor import run_prepasses
-    from fishmerge.merge.inputs import base_rows, fisher_rows, model_rows
+    from fishmerge.merge.inputs import base_rows, fisher_rows, gram_mean, model_rows
 
     method = plan.merge_method
 
@@ -79,9 +82,10 @@ def load_inputs(plan: MergePlan) -> MergeInputs:
 
     models = range(len(plan.models))
     thetas = [whole(partial(model_rows, plan, i)) for i in models]
-    fishers = [whole(partial(fisher_rows, plan, i)) for i in models] if method.needs_fisher else None
+    fishers = [whole(partial(fisher_rows, plan, i)) for i in models] if FISHER in plan.statistics else None
     base = whole(partial(base_rows, plan)) if method.needs_base else None
-    return MergeInputs(thetas, fishers, base, run_prepasses(plan))
+    grams = {k: [gram_mean(plan, i, k) for i in models] for k in plan.gram_layouts} or None
+    return MergeInputs(thetas, fishers, base, run_prepasses(plan), grams)
 
 
 def merge_in_memory(plan: MergePlan, inputs: MergeInputs, weights: list[float], target: int) -> dict[str, np.ndarray]:
@@ -90,15 +94,17 @@ def merge_in_memory(plan: MergePlan, inputs: MergeInputs, weights: list[float], 
     lam = method.check_weights(weights)
     out = {}
     for key in plan.shared:
+        by_gram = key in plan.gram_layouts
         out[key] = method.merge(
             [t[key] for t in inputs.thetas],
             lam,
             params=plan.params,
             target=target,
-            fishers=[f[key] for f in inputs.fishers] if inputs.fishers is not None else None,
+            fishers=[f[key] for f in inputs.fishers] if inputs.fishers is not None and not by_gram else None,
             base=inputs.base[key] if inputs.base is not None else None,
             context=inputs.context,
             key=key,
+            **({"grams": inputs.grams[key], "layout": plan.gram_layouts[key]} if by_gram else {}),
         )
     return out
 

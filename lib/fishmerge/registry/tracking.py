@@ -11,6 +11,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from fishmerge import registry
+from fishmerge.fisher.statistics import FISHER
 from fishmerge.merge.config import MergeConfig
 from fishmerge.merge.plan import MergePlan
 from fishmerge.pipeline.baselines import DEFAULT_METRICS, directions, task_kinds
@@ -74,7 +75,7 @@ def log_pipeline_run(
             {
                 "method": plan.method,
                 **method.tracked_params(plan.params),
-                **(fisher if method.needs_fisher else {}),
+                **(fisher if FISHER in plan.statistics else {}),
                 "targets": ",".join(t.name for t in plan.targets),
                 **{f"lambda/{n}": round(w, 6) for n, w in zip(names, plan.weights)},
             }

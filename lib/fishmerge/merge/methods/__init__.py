@@ -3,7 +3,7 @@
 Importing this package registers the built-in methods; `METHODS` maps names to method objects.
 """
 
-from fishmerge.merge.methods import fisher, isotropic, task_arithmetic, ties  # noqa: F401  (registration)
+from fishmerge.merge.methods import fisher, isotropic, regmean, task_arithmetic, ties  # noqa: F401  (registration)
 from fishmerge.merge.methods.base import (
     METHODS,
     MergeMethod,

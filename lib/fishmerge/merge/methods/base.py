@@ -3,8 +3,9 @@ tracking read (none of them branches on a method's name).
 
 A method is one module: a `MergeMethod` subclass decorated with `@register_method`, declaring its
 parameters (`Params`, a pydantic model with defaults and validators; `config_section` says whether
-their keys sit at the config's top level or in a block such as `fisher:`), what it needs (base
-model, Fishers), whether its result depends on the target, its working bytes per element for the
+their keys sit at the config's top level or in a block such as `fisher:`; `borrows` names methods
+whose parameters it also reads, from their own sections), what it needs (base model, statistics:
+Fishers, Grams), whether its result depends on the target, its working bytes per element for the
 planner, its pre-passes over the whole inputs, and its formula on one chunk of one tensor.
 """
 
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from fishmerge.errors import FishmergeError
+from fishmerge.fisher.statistics import FISHER
 from fishmerge.schema import Strict
 
 if TYPE_CHECKING:
@@ -53,6 +55,7 @@ class MergeMethod:
     config_section: ClassVar[str | None] = None  # None: the parameters are top-level config keys
     needs_base: ClassVar[bool] = False
     needs_fisher: ClassVar[bool] = False
+    borrows: ClassVar[tuple[str, ...]] = ()  # methods whose parameters `Params` includes (read from their sections)
     per_target: ClassVar[bool] = False  # the result differs per target (else merged once, written to each)
     normalizes_weights: ClassVar[bool] = False  # λ normalised to sum 1
     bytes_per_model: ClassVar[int] = 0  # working bytes per merged element and model, beyond the weights
@@ -66,6 +69,20 @@ class MergeMethod:
         if w.sum() <= 0:
             raise FishmergeError(f"merge weights sum to {w.sum()}: give at least one model a positive weight")
         return w / w.sum() if self.normalizes_weights else w
+
+    def statistics(self, params: Strict) -> tuple[str, ...]:
+        """The merge statistics the formula reads with these parameters ("fisher", "gram")."""
+        return (FISHER,) if self.needs_fisher else ()
+
+    def resolve_params(self, params: Strict, available: Sequence[str]) -> Strict:
+        """The parameters with every choice left to the inputs made, knowing the statistics `available`
+        for every model (e.g. regmean's `rest: auto`); as they are by default."""
+        return params
+
+    def gram_cost(self, n_models: int, width: int) -> tuple[int, int]:
+        """Working bytes of one Gram-merged task beyond the block's usual ones: (fixed, for the Grams of
+        input width `width`; per merged element)."""
+        return 0, 0
 
     def prepasses(self, params: Strict) -> list[Prepass]:
         """Statistics over the whole inputs the formula needs with these parameters (none by default)."""
@@ -91,8 +108,12 @@ class MergeMethod:
         base: np.ndarray | None = None,
         context: dict | None = None,
         key: str = "",
+        grams: Sequence[np.ndarray] | None = None,
+        layout: str | None = None,
     ) -> np.ndarray:
-        """Merge one chunk of tensor `key` (fp32) from every model; `context` holds the pre-passes' values."""
+        """Merge one chunk of tensor `key` (fp32) from every model; `context` holds the pre-passes' values.
+        For a tensor merged by its Grams, the chunk is the whole tensor, `grams` the models' mean input
+        Grams Σxxᵀ/tokens (fp64, read one at a time when iterated) and `layout` the weight's orientation."""
         raise NotImplementedError
 
 
@@ -114,6 +135,12 @@ def get_method(name: str) -> MergeMethod:
     return METHODS[name]
 
 
+def own_fields(method: MergeMethod) -> dict:
+    """The fields of a method's `Params` it declares itself (not those of the methods it borrows from)."""
+    borrowed = {n for other in method.borrows for n in get_method(other).Params.model_fields}
+    return {n: f for n, f in method.Params.model_fields.items() if n not in borrowed}
+
+
 def params_in_section(section: str | None) -> dict[str, tuple]:
     """(annotation, field) of every registered method's parameters whose keys sit in config `section`
     (None: the top level); methods sharing a parameter must declare it identically (e.g. by inheritance)."""
@@ -121,7 +148,7 @@ def params_in_section(section: str | None) -> dict[str, tuple]:
     for method in METHODS.values():
         if method.config_section != section:
             continue
-        for name, field in method.Params.model_fields.items():
+        for name, field in own_fields(method).items():
             if name in out and (out[name][1].default != field.default or out[name][0] != field.annotation):
                 raise ValueError(f"merge methods declare parameter '{name}' differently")
             out[name] = (field.annotation, field)
