@@ -169,3 +169,24 @@ def test_an_unfinished_s3_store_is_replaced_whole(setup, s3_endpoint) -> None:  
     assert g.attrs["format"] == "fishmerge.fisher"
     np.testing.assert_allclose(g["classifier.weight"][...], setup["single"]["classifier.weight"], rtol=1e-5)
     assert not _leftovers(fs, s3_endpoint)
+
+
+def test_grams_complete_an_explicit_s3_store_in_place(setup, s3_endpoint, monkeypatch) -> None:  # noqa: F811
+    from dataclasses import replace
+
+    from fishmerge.fisher import job
+    from fishmerge.fisher.store import read_grams
+
+    store = s3_endpoint + "/explicit.zarr"
+    run_estimate_fisher(asdict(setup["spec"]), store=store)
+    before = read_fisher(store)
+    seen, real = [], job.FisherAccumulator
+    monkeypatch.setattr(job, "FisherAccumulator", lambda *a, **k: seen.append(k["statistics"]) or real(*a, **k))
+    both = replace(setup["spec"], statistics=["fisher", "gram"])
+    assert run_estimate_fisher(asdict(both), store=store) == storage.normalize(store)
+    assert seen == [["gram"]]
+    attrs = dict(open_fisher_store(store).attrs)
+    assert attrs["format_version"] == 2 and attrs["statistics"] == ["fisher", "gram"]
+    after = read_fisher(store)
+    assert set(after) == set(before) and all(np.array_equal(after[k], v) for k, v in before.items())
+    assert len(read_grams(store)) >= 12

@@ -189,6 +189,13 @@ def is_finished(attrs: Mapping[str, object]) -> bool:
     return state[0] == FORMAT and state[1] in READ_VERSIONS and state[2] != WRITING
 
 
+def completes(new: Mapping[str, object], old: Mapping[str, object]) -> bool:
+    """Whether store attributes `new` are those of the same estimation as the finished store `old`, holding
+    every statistic it holds and more: the store `old` is being completed (its arrays were copied in)."""
+    same = (new.get("estimation_id") or new.get("fisher_id")) == (old.get("estimation_id") or old.get("fisher_id"))
+    return bool(same) and set(held_statistics(old)) < set(held_statistics(new))
+
+
 def _publish_remote(staging: str, uri: str, attrs: Mapping[str, object]) -> None:
     """Copy a complete staged remote store to its final URI (object stores have no rename).
 
@@ -197,9 +204,10 @@ def _publish_remote(staging: str, uri: str, attrs: Mapping[str, object]) -> None
     copied over it, objects of the old unfinished store that the new one lacks are removed, and the
     complete group metadata is copied last, so a reader never takes a half-copied store for a
     finished one. A finished store another run wrote is never deleted nor overwritten: the same
-    Fisher (same `fisher_id`) is kept as it is, anything else is an error."""
+    Fisher (same `fisher_id`) is kept as it is; one this store completes (same estimation, fewer
+    statistics) is overwritten like an unfinished one; anything else is an error."""
     current = stored_attributes(uri)
-    if is_finished(current):
+    if is_finished(current) and not completes(attrs, current):
         ours = attrs.get("fisher_id")
         if ours is None or current.get("fisher_id") != ours:
             raise FishmergeError(

@@ -673,6 +673,12 @@ def format_plan(plan: MergePlan) -> str:
         lines.append(f"  base             {plan.base.path}  ({plan.base.fingerprint[:19]}…)")
     lines.append(f"options: {plan.merge_method.describe(plan.params)}")
     lines.append(f"merged tensors: {len(plan.shared)} ({_fmt(shared_bytes)} per model)")
+    if plan.gram_layouts:
+        tasks = sum(-(-plan.models[0].refs[k].rows // plan.gram_rows[k]) for k in plan.gram_layouts)
+        lines.append(
+            f"  by their Grams: {len(plan.gram_layouts)} weight(s) in {tasks} task(s) (one Gram in memory at "
+            f"a time); the other {len(plan.shared) - len(plan.gram_layouts)} as the options say"
+        )
     for t in plan.targets:
         own = ", ".join(t.own_keys[:4]) + (" …" if len(t.own_keys) > 4 else "")
         lines.append(
