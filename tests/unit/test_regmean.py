@@ -308,3 +308,15 @@ def test_gram_of_another_model_is_refused(family, tmp_path) -> None:
     with pytest.raises(FishmergeError, match="do not fit this model's weights"):
         build_plan(load_merge_config(cfg))
     assert json.loads((Path(other) / "zarr.json").read_text())["attributes"]["format_version"] == 2
+
+
+def test_tensors_the_same_for_every_target_are_merged_once_in_memory(family, tmp_path) -> None:
+    seeds, weights = (0, 1, 2), (0.2, 0.5, 0.3)
+    plan = build_plan(load_merge_config(config(tmp_path, family, "bert-cls", seeds, weights, store="both")))
+    inputs, shared = load_inputs(plan), {}
+    first = merge_in_memory(plan, inputs, plan.weights, 0, shared)
+    assert set(shared) == set(plan.gram_layouts)  # rest = fisher with favor_target: the rest differs per target
+    for target in (0, 1, 2):
+        alone = merge_in_memory(plan, inputs, plan.weights, target)
+        reused = first if target == 0 else merge_in_memory(plan, inputs, plan.weights, target, shared)
+        assert all(np.array_equal(alone[k], reused[k]) for k in alone)

@@ -169,9 +169,9 @@ def merge_block(plan: MergePlan, context: dict, staging: str, key: str, r0: int,
         kwargs["base"] = base_rows(plan, key, r0, r1)
     written = 0
     shared_result = None
-    per_target = method.per_target and key not in plan.gram_layouts  # a closed form from Grams is the same for all
+    once = plan.same_for_every_target(key)
     for t in plan.targets:
-        if per_target or shared_result is None:
+        if not once or shared_result is None:
             merged = method.merge(thetas, np.asarray(plan.weights), target=t.index, **kwargs)
             check_finite(merged, f"merging '{key}' gave NaN/Inf", "check the weights, `scale` and the inputs")
             shared_result = merged

@@ -110,6 +110,11 @@ class MergePlan:
     def merge_method(self) -> MergeMethod:
         return get_method(self.method)
 
+    def same_for_every_target(self, key: str) -> bool:
+        """Whether merged tensor `key` is the same for every target (merged once): the method's result does
+        not depend on the target, or `key` is merged in closed form from its Grams."""
+        return not self.merge_method.per_target or key in self.gram_layouts
+
     @property
     def staging(self) -> str:
         """Where the output is built before it is renamed into place (deterministic: reruns resume)."""

@@ -88,12 +88,18 @@ def load_inputs(plan: MergePlan) -> MergeInputs:
     return MergeInputs(thetas, fishers, base, run_prepasses(plan), grams)
 
 
-def merge_in_memory(plan: MergePlan, inputs: MergeInputs, weights: list[float], target: int) -> dict[str, np.ndarray]:
-    """The merged shared tensors for one target and one λ (the executor's formula on whole tensors)."""
+def merge_in_memory(
+    plan: MergePlan, inputs: MergeInputs, weights: list[float], target: int, shared: dict | None = None
+) -> dict[str, np.ndarray]:
+    """The merged shared tensors for one target and one λ (the executor's formula on whole tensors).
+    `shared` (one dict per λ) keeps the tensors that are the same for every target, merged once."""
     method = plan.merge_method
     lam = method.check_weights(weights)
     out = {}
     for key in plan.shared:
+        if shared is not None and key in shared:
+            out[key] = shared[key]
+            continue
         by_gram = key in plan.gram_layouts
         out[key] = method.merge(
             [t[key] for t in inputs.thetas],
@@ -106,6 +112,8 @@ def merge_in_memory(plan: MergePlan, inputs: MergeInputs, weights: list[float], 
             key=key,
             **({"grams": inputs.grams[key], "layout": plan.gram_layouts[key]} if by_gram else {}),
         )
+        if shared is not None and plan.same_for_every_target(key):
+            shared[key] = out[key]
     return out
 
 
@@ -239,9 +247,9 @@ class Scorer:
 
 def score_candidate(scorer: Scorer, inputs: MergeInputs, weights: list[float], metric: str) -> dict:
     """Merge with λ = weights for every target, score each on its task; the mean is the candidate's score."""
-    per_task = {}
+    per_task, shared = {}, {}
     for t in scorer.plan.targets:
-        load_state(scorer.models[t.name], merge_in_memory(scorer.plan, inputs, weights, t.index))
+        load_state(scorer.models[t.name], merge_in_memory(scorer.plan, inputs, weights, t.index, shared))
         per_task[t.name] = scorer.score(t.name, [metric])[key_name(metric)]
     return {
         "weights": [float(w) for w in weights],
