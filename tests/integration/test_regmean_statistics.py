@@ -46,6 +46,9 @@ def test_grams_are_added_to_a_fisher_store_without_recomputing_the_fisher(setup,
     before = read_fisher(str(store))
     chunks = {p.relative_to(store): p.read_bytes() for p in store.rglob("c/*") if p.is_file()}
     assert stored_attributes(str(store))["format_version"] == 1
+    from fishmerge.merge.inputs import fisher_reader
+
+    assert "grams" not in fisher_reader(str(store)).group.attrs  # opened (and kept) by this process
     seen = spy_statistics(monkeypatch)
     both = replace(setup["spec"], statistics=["fisher", "gram"])
     run_estimate_fisher(asdict(both), store=str(store), shards=2)
@@ -53,6 +56,7 @@ def test_grams_are_added_to_a_fisher_store_without_recomputing_the_fisher(setup,
     attrs = stored_attributes(str(store))
     assert attrs["format_version"] == 2 and attrs["statistics"] == ["fisher", "gram"]
     assert attrs["statistics_computed_last_run"] == ["gram"]
+    assert "grams" in fisher_reader(str(store)).group.attrs  # the replaced store is opened again
     after = read_fisher(str(store))
     assert all(after[k].tobytes() == v.tobytes() for k, v in before.items()) and set(after) == set(before)
     for rel, data in chunks.items():  # the Fisher's chunks are copied byte for byte
@@ -69,6 +73,21 @@ def test_grams_are_added_to_a_fisher_store_without_recomputing_the_fisher(setup,
     assert run_estimate_fisher(asdict(both), store=str(store)) == str(store) and seen == []
     # a Fisher-only request is served by the store holding more
     assert run_estimate_fisher(asdict(setup["spec"]), store=str(store)) == str(store) and seen == []
+
+
+def test_grams_alone_asked_at_a_fisher_store_keep_its_fishers(setup, tmp_path, monkeypatch) -> None:
+    store = tmp_path / "s.zarr"
+    run_estimate_fisher(asdict(setup["spec"]), store=str(store))
+    before = read_fisher(str(store))
+    seen = spy_statistics(monkeypatch)
+    gram_only = replace(setup["spec"], statistics=["gram"])
+    r = resolve(gram_only, str(store))
+    assert r.spec.statistics == ["fisher", "gram"] and r.donor == str(store) and r.compute == ["gram"]
+    run_estimate_fisher(asdict(gram_only), store=str(store))
+    assert seen == [["gram"]]
+    assert stored_attributes(str(store))["statistics"] == ["fisher", "gram"]
+    after = read_fisher(str(store))
+    assert set(after) == set(before) and all(np.array_equal(after[k], v) for k, v in before.items())
 
 
 def test_content_addressed_grams_reuse_the_fisher_store_beside_them(setup, tmp_path, monkeypatch) -> None:

@@ -55,3 +55,24 @@ def test_open_rejects_foreign_and_future_stores(tmp_path) -> None:
         open_fisher_store(uri)
     with pytest.raises(FishmergeError, match="no Fisher store"):
         open_fisher_store(str(tmp_path / "missing.zarr"))
+
+
+def test_a_store_holding_more_statistics_is_never_replaced_by_one_holding_fewer(tmp_path) -> None:
+    """Two runs completing one store: the run committing last with fewer statistics keeps the fuller store."""
+    from fishmerge.fisher.store import begin_store, commit_store, create_fisher_array, stored_attributes
+
+    dest = str(tmp_path / "s.zarr")
+    same = {**ATTRS, "estimation_id": "e1"}
+    staging, group = begin_store(dest)
+    create_fisher_array(group, "x", (2,))[...] = np.ones(2, np.float32)
+    create_fisher_array(group, "gram/x", (2, 2))[...] = np.eye(2, dtype=np.float32)
+    grams = {"x": {"array": "gram/x", "tokens": 3, "layout": "out_in"}}
+    commit_store(staging, dest, group, {**same, "fisher_id": "fg", "statistics": ["fisher", "gram"], "grams": grams})
+    write_fisher_store(dest, {"x": np.zeros(2, np.float32)}, {**same, "fisher_id": "e1"})  # Fisher only, later
+    attrs = stored_attributes(dest)
+    assert attrs["fisher_id"] == "fg" and attrs["format_version"] == 2
+    assert read_fisher(dest)["x"].tolist() == [1.0, 1.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # the staged copy is gone
+    # another estimation is still replaced as before
+    write_fisher_store(dest, {"y": np.zeros(1, np.float32)}, {**ATTRS, "estimation_id": "e2"})
+    assert list(read_fisher(dest)) == ["y"]

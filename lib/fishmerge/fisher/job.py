@@ -226,6 +226,13 @@ def resolve(spec: FisherSpec, store: str | None = None, store_root: str = DEFAUL
             )
     if store:
         check_store_path(uri)
+    if store:  # an explicit store of this estimation keeps what it holds: the request is widened to it
+        held = stored_attributes(uri)
+        if (held.get("estimation_id") or held.get("fisher_id")) == estimation and is_finished(held):
+            wider = [s for s in STATISTICS if s in {*spec.statistics, *held_statistics(held)}]
+            if wider != list(spec.statistics):
+                spec = replace(spec, statistics=wider)
+                fid = fisher_id(model_fp, data_fp, spec, len(indices), label_field, layout, tok_fp)
     r = Resolved(spec, fid, model_fp, data_fp, head, label_field, indices, uri, estimation)
     if not store:  # content-addressed: the same estimation's stores with other statistics are looked at too
         for size in range(1, len(STATISTICS) + 1):

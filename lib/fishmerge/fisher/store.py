@@ -175,8 +175,9 @@ def commit_store(staging: str, uri: str, group: zarr.Group, attrs: Mapping[str, 
     lock = _held.pop(staging, None)
     try:
         # held through the rename (a kill before it leaves a staging folder provably stale), then dropped
-        safety.replace_owned(Path(staging), Path(uri), _replaceable, "a Fisher store")
-        (Path(uri) / safety.LOCK_NAME).unlink(missing_ok=True)
+        keep = lambda dest: holds_as_much(stored_attributes(str(dest)), full)  # noqa: E731
+        if safety.replace_owned(Path(staging), Path(uri), _replaceable, "a Fisher store", keep=keep):
+            (Path(uri) / safety.LOCK_NAME).unlink(missing_ok=True)
     finally:
         if lock:
             lock.release()
@@ -189,11 +190,22 @@ def is_finished(attrs: Mapping[str, object]) -> bool:
     return state[0] == FORMAT and state[1] in READ_VERSIONS and state[2] != WRITING
 
 
+def _estimation(attrs: Mapping[str, object]) -> object:
+    return attrs.get("estimation_id") or attrs.get("fisher_id")
+
+
+def holds_as_much(old: Mapping[str, object], new: Mapping[str, object]) -> bool:
+    """Whether the finished store `old` is of the same estimation as the store `new` being committed and
+    holds every statistic it would bring: `old` stays (a concurrent run completed it further)."""
+    same = _estimation(old) is not None and _estimation(old) == _estimation(new)
+    return is_finished(old) and same and set(held_statistics(new)) <= set(held_statistics(old))
+
+
 def completes(new: Mapping[str, object], old: Mapping[str, object]) -> bool:
     """Whether store attributes `new` are those of the same estimation as the finished store `old`, holding
     every statistic it holds and more: the store `old` is being completed (its arrays were copied in)."""
-    same = (new.get("estimation_id") or new.get("fisher_id")) == (old.get("estimation_id") or old.get("fisher_id"))
-    return bool(same) and set(held_statistics(old)) < set(held_statistics(new))
+    same = _estimation(new) is not None and _estimation(new) == _estimation(old)
+    return same and set(held_statistics(old)) < set(held_statistics(new))
 
 
 def _publish_remote(staging: str, uri: str, attrs: Mapping[str, object]) -> None:
@@ -207,6 +219,9 @@ def _publish_remote(staging: str, uri: str, attrs: Mapping[str, object]) -> None
     Fisher (same `fisher_id`) is kept as it is; one this store completes (same estimation, fewer
     statistics) is overwritten like an unfinished one; anything else is an error."""
     current = stored_attributes(uri)
+    if holds_as_much(current, attrs):
+        abort_store(staging)  # a concurrent run finished this store, or completed it further: it stands
+        return
     if is_finished(current) and not completes(attrs, current):
         ours = attrs.get("fisher_id")
         if ours is None or current.get("fisher_id") != ours:

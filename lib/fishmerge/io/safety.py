@@ -230,14 +230,19 @@ def commit_lock(dest: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
-def replace_owned(src: Path, dest: Path, owned, what: str) -> None:
+def replace_owned(src: Path, dest: Path, owned, what: str, keep=None) -> bool:
     """Rename `src` over `dest`. An existing `dest` is replaced only when `owned(dest)` proves
-    fishmerge wrote it: it is moved aside, the new one renamed in, the old one removed.
+    fishmerge wrote it: it is moved aside, the new one renamed in, the old one removed. When
+    `keep(dest)` says the existing one is to stay (it holds all `src` would bring), `src` is removed
+    instead and False returned.
 
     Runs under the commit lock, so a `.<dest>.old-*` found here is a leftover of a killed commit
     (it was proven owned before it was moved aside) and is removed too.
     """
     with commit_lock(dest):
+        if keep is not None and dest.is_dir() and not dest.is_symlink() and owned(dest) and keep(dest):
+            shutil.rmtree(src, ignore_errors=True)
+            return False
         for leftover in dest.parent.glob(f".{dest.name}.old-*"):
             if leftover.is_dir() and not leftover.is_symlink() and owned(leftover):
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -253,3 +258,4 @@ def replace_owned(src: Path, dest: Path, owned, what: str) -> None:
         os.rename(src, dest)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        return True

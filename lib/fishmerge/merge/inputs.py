@@ -3,6 +3,7 @@ blocks the executor, the pre-passes and the λ search share; every value checked
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -54,16 +55,28 @@ def base_rows(plan: MergePlan, key: str, r0: int, r1: int) -> np.ndarray:
     return read_input_rows(plan.base.refs[plan.base_keys[key]], r0, r1, "the base model", key)
 
 
-_fisher_readers: dict[str, FisherReader] = {}
+_fisher_readers: dict[str, tuple[object, FisherReader]] = {}
 _fisher_lock = threading.Lock()
 
 
+def _version(uri: str) -> object:
+    """What changes when a local store is replaced (its group metadata file is renamed into place)."""
+    try:
+        st = os.stat(os.path.join(uri, "zarr.json"))
+    except OSError:
+        return None  # remote, or gone: opening it says which
+    return st.st_ino, st.st_mtime_ns
+
+
 def fisher_reader(uri: str) -> FisherReader:
-    """Fisher stores opened once per process (Dask workers included)."""
+    """Fisher stores opened once per process (Dask workers included), again when a local store was
+    replaced since (e.g. completed by its Grams)."""
+    version = _version(uri)
     with _fisher_lock:
-        if uri not in _fisher_readers:
-            _fisher_readers[uri] = FisherReader(uri)
-        return _fisher_readers[uri]
+        cached = _fisher_readers.get(uri)
+        if cached is None or cached[0] != version:
+            _fisher_readers[uri] = (version, FisherReader(uri))
+        return _fisher_readers[uri][1]
 
 
 def fisher_rows(plan: MergePlan, m_index: int, key: str, r0: int, r1: int) -> np.ndarray:

@@ -377,6 +377,12 @@ def build_plan(
                 for k in shared
                 if all(k in m.grams for m in models) and len({m.grams[k]["layout"] for m in models}) == 1
             }
+            partial = [k for k in shared if k not in gram_layouts and any(k in m.grams for m in models)]
+            if partial:
+                notes.append(
+                    f"{len(partial)} weight(s) have a Gram in some stores only, or in other layouts, and are "
+                    f"merged like the tensors without Grams: {partial[:3]}"
+                )
 
     targets: list[TargetPlan] = []
     names = [m.name for m in models]

@@ -27,6 +27,10 @@ RESTS = ("fisher", "isotropic")
 DEFAULT_ALPHA = 1.0  # the paper code's default (regmean_reduce_nondiag < 0: no reduction)
 
 
+class SingularGramSystem(FishmergeError):
+    """Σλ G̃ of a weight is not positive definite: its closed form has no unique solution."""
+
+
 def _unit(v: float) -> float:
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"must be in [0, 1] (1: the Grams as they are, 0: their diagonals only), got {v}")
@@ -46,37 +50,47 @@ class RegmeanParams(FisherParams):
     )
 
 
-def shrunk(gram: np.ndarray, alpha: float) -> np.ndarray:
-    """G̃ = α·G + (1−α)·diag(G), in place (fp64)."""
-    if alpha != 1.0:
-        diag = np.diagonal(gram).copy()
-        gram *= alpha
-        np.fill_diagonal(gram, diag)
-    return gram
+RCOND = 1e-10  # (min/max of the Cholesky factor's diagonal)²: below it, the system is singular in fp32 data
 
 
 def solve_regmean(thetas, weights, grams, layout: str, alpha: float, key: str = "") -> np.ndarray:
-    """The closed form for one weight: Grams read (and shrunk) one at a time, accumulated in fp64."""
+    """The closed form for one weight (or a block of a Linear weight's rows): each Gram read when it is
+    reached, shrunk into a fresh fp64 copy (the caller's array is never changed) and added up."""
     if layout not in (LAYOUT_OUT_IN, LAYOUT_IN_OUT):
         raise FishmergeError(f"'{key}': unknown Gram layout '{layout}' (out_in or in_out)")
     lhs = rhs = None
-    for w, theta, gram in zip(weights, thetas, grams):
-        g = shrunk(np.array(gram, dtype=np.float64), alpha)
-        g *= float(w)
+    for i, (w, theta) in enumerate(zip(weights, thetas)):
+        gram = np.asarray(grams[i], dtype=np.float64)
+        g = gram * float(w)  # G̃ᵢ·λᵢ, fresh: α scales its off-diagonal entries in place
+        if alpha != 1.0:
+            diag = np.diagonal(g).copy()
+            g *= alpha
+            np.fill_diagonal(g, diag)
+        del gram
         t = np.asarray(theta, dtype=np.float64)
         term = t @ g if layout == LAYOUT_OUT_IN else g @ t
+        del t
         lhs = g if lhs is None else np.add(lhs, g, out=lhs)
+        del g
         rhs = term if rhs is None else np.add(rhs, term, out=rhs)
-    try:
-        np.linalg.cholesky(lhs)  # Σλ G̃ is symmetric PSD: positive definite iff the system is solvable
+        del term
+    try:  # Σλ G̃ is symmetric PSD: positive definite iff the system is solvable
+        factor_diag = np.diagonal(np.linalg.cholesky(lhs)).copy()
+        ill = (factor_diag.min() / factor_diag.max()) ** 2 < RCOND
     except np.linalg.LinAlgError:
+        ill = True
+    if ill:
         dead = int((np.diagonal(lhs) <= 0).sum())
-        why = f"{dead} input feature(s) are zero in every model" if dead else "its inputs span too few directions"
-        raise FishmergeError(
-            f"regmean: the Gram system of '{key}' is singular ({why}): give more data (tokens ≥ the input width), "
-            "lower regmean.alpha (e.g. 0.9 shrinks the off-diagonal entries), or merge by another method. "
-            "Nothing was written at the output."
-        ) from None
+        if dead:
+            why = f"{dead} input feature(s) are zero in every model: no α helps; merge by another method"
+        else:
+            why = (
+                "its inputs span too few directions: give more data (tokens ≥ the input width) or lower "
+                "regmean.alpha (e.g. 0.9 shrinks the off-diagonal entries)"
+            )
+        raise SingularGramSystem(
+            f"regmean: the Gram system of '{key}' is singular ({why}). Nothing was written at the output."
+        )
     if layout == LAYOUT_OUT_IN:
         return np.linalg.solve(lhs, rhs.T).T.astype(np.float32)  # W* A = B, A symmetric
     return np.linalg.solve(lhs, rhs).astype(np.float32)
@@ -101,10 +115,10 @@ class Regmean(MergeMethod):
         return params.model_copy(update={"rest": FISHER if FISHER in available else "isotropic"})
 
     def gram_cost(self, n_models: int, width: int) -> tuple[int, int]:
-        # fixed: one Gram read (fp32) and widened (fp64) at a time, the accumulated system (fp64), Cholesky's
-        # copy; per element: θ widened, its product with G̃, the accumulated right side, the solution (fp64)
-        # and the fp32 result
-        return width * width * (4 + 8 + 8 + 8), 8 + 8 + 8 + 8 + 4
+        # fixed: one Gram read (fp32), widened (fp64) and scaled (fp64) at a time, the accumulated system and
+        # its factor (fp64); per element: θ widened, its product with G̃, the accumulated right side, the
+        # solution (fp64) and the fp32 result
+        return width * width * (4 + 8 + 8 + 8 + 8), 8 + 8 + 8 + 8 + 4
 
     def prepasses(self, params):
         return get_method(params.rest).prepasses(params) if params.rest in RESTS else []
