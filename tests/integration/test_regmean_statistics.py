@@ -134,3 +134,33 @@ def test_cli_statistics_flag_inspect_and_a_regmean_merge(setup, tmp_path, capsys
     assert "method regmean" in plan_text and "alpha=0.9 rest=isotropic" in plan_text
     assert main(["merge", "--no-progress", str(tmp_path / "c.yaml")]) == 0
     assert (tmp_path / "out" / "m0" / "model.safetensors").exists()
+
+
+def test_a_donor_replaced_while_it_is_copied_fails_cleanly(setup, tmp_path, monkeypatch) -> None:
+    import os
+
+    from fishmerge.errors import FishmergeError
+    from fishmerge.fisher import reduce
+
+    store = tmp_path / "s.zarr"
+    run_estimate_fisher(asdict(setup["spec"]), store=str(store))
+    meta = store / "zarr.json"
+    real = reduce._copy_block
+
+    def copy_then_replace(*args):  # another run swaps the donor in the middle of the copy
+        out = real(*args)
+        meta.write_bytes(meta.read_bytes())
+        os.utime(meta, ns=(1, 1))
+        return out
+
+    monkeypatch.setattr(reduce, "_copy_block", copy_then_replace)
+    r = resolve(replace(setup["spec"], statistics=["fisher", "gram"]), str(store))
+    from fishmerge.fisher.job import compute_shard, finish
+    from fishmerge.fisher.shards import plan_shards
+
+    plan = plan_shards(len(r.indices), 1)
+    summaries = [compute_shard(r, plan[0])]
+    with pytest.raises(FishmergeError, match="was replaced or removed while its arrays were copied: rerun"):
+        finish(r, plan, summaries, 1.0)
+    assert stored_attributes(str(store))["statistics"] == ["fisher"]  # the donor stands as it was
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".s.zarr.tmp")]

@@ -25,6 +25,7 @@ from fishmerge.fisher.store import (
     chunk_shape,
     commit_store,
     create_fisher_array,
+    store_version,
     stored_grams,
 )
 
@@ -161,6 +162,7 @@ def reduce_partials(
     if bad:
         raise CorruptPartials(bad)
     copied: dict[str, tuple[int, ...]] = {}
+    donor_version = store_version(donor) if donor else None
     if donor and from_donor:
         source = FisherReader(donor)
         if GRAM in from_donor:
@@ -178,6 +180,10 @@ def reduce_partials(
         bad = sorted({i for found, _ in results for i in found})
         if bad:
             raise CorruptPartials(bad)
+        if copied and store_version(donor) != donor_version:  # moved aside or replaced while it was read
+            raise FishmergeError(
+                f"the store '{donor}' was replaced or removed while its arrays were copied: rerun (nothing was written)"
+            )
         totals: dict[str, list] = {k: [0.0, 0.0, 0, 0] for k in {**shapes, **copied}}
         for _, stats in results:
             for key, mass, peak, zeros, count in stats:

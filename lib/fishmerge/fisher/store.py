@@ -86,6 +86,19 @@ WRITING = "writing"  # `format_state` of a store being written (staged, or being
 _held: dict[str, safety.Lock] = {}  # staging folder -> this process's lock on it
 
 
+def store_version(uri: str) -> object:
+    """What changes when a local store is replaced (its group metadata is renamed into place with it):
+    (inode, mtime) of its zarr.json; None for a remote or absent store."""
+    uri = storage.normalize(uri)
+    if storage.is_remote(uri):
+        return None
+    try:
+        st = os.stat(os.path.join(uri, "zarr.json"))
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def stored_attributes(uri: str) -> dict:
     """The group attributes in a store's `zarr.json` ({} when there is none or it is unreadable)."""
     meta = storage.read_json(storage.join(storage.normalize(uri), "zarr.json"))

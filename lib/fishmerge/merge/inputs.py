@@ -3,7 +3,6 @@ blocks the executor, the pre-passes and the λ search share; every value checked
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from fishmerge.errors import FishmergeError
 from fishmerge.fisher.statistics import FISHER
-from fishmerge.fisher.store import FisherReader
+from fishmerge.fisher.store import FisherReader, store_version
 from fishmerge.io.safetensors import read_rows
 
 if TYPE_CHECKING:  # the plan's type only: methods (imported by the plan) read rows through this module
@@ -59,19 +58,10 @@ _fisher_readers: dict[str, tuple[object, FisherReader]] = {}
 _fisher_lock = threading.Lock()
 
 
-def _version(uri: str) -> object:
-    """What changes when a local store is replaced (its group metadata file is renamed into place)."""
-    try:
-        st = os.stat(os.path.join(uri, "zarr.json"))
-    except OSError:
-        return None  # remote, or gone: opening it says which
-    return st.st_ino, st.st_mtime_ns
-
-
 def fisher_reader(uri: str) -> FisherReader:
     """Fisher stores opened once per process (Dask workers included), again when a local store was
     replaced since (e.g. completed by its Grams)."""
-    version = _version(uri)
+    version = store_version(uri)
     with _fisher_lock:
         cached = _fisher_readers.get(uri)
         if cached is None or cached[0] != version:
