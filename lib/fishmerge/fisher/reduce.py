@@ -19,6 +19,7 @@ from fishmerge.errors import FishmergeError
 from fishmerge.fisher.shards import Shard, open_partial
 from fishmerge.fisher.statistics import FISHER, GRAM
 from fishmerge.fisher.store import (
+    GRAM_GROUP,
     FisherReader,
     abort_store,
     begin_store,
@@ -76,10 +77,23 @@ def plan_blocks(shapes: dict[str, tuple[int, ...]]) -> list[list[tuple[str, int,
 
 def _range_stats(key: str, out: np.ndarray, start: int) -> tuple:
     """(key, mass, max, zeros, count) of a Fisher range; (key, trace, max, 0, count) of a Gram's rows."""
-    if key.startswith("gram/"):
+    if _is_gram(key):
         rows = np.arange(out.shape[0])
         return (key, float(out[rows, rows + start].sum(dtype=np.float64)), float(np.abs(out).max(initial=0.0)), 0, 0)
     return (key, float(out.sum(dtype=np.float64)), float(out.max(initial=0.0)), int((out == 0).sum()), int(out.size))
+
+
+def _is_gram(key: str) -> bool:
+    return key.startswith(GRAM_GROUP + "/")
+
+
+def _store_range(dst, key: str, start: int, stop: int, out: np.ndarray) -> tuple:
+    """Write rows [start, stop) of `key` (the whole value of a 0-d array) and return their statistics."""
+    if dst[key].ndim:
+        dst[key][start:stop] = out
+    else:
+        dst[key][...] = out
+    return _range_stats(key, out, start)
 
 
 def _copy_block(block, donor: str, dst) -> tuple[list[int], list[tuple]]:
@@ -90,11 +104,7 @@ def _copy_block(block, donor: str, dst) -> tuple[list[int], list[tuple]]:
         out = reader.rows(key, start, stop)
         if not np.isfinite(out).all():
             raise FishmergeError(f"the store '{donor}' holds NaN/Inf in '{key}': delete it to recompute")
-        if dst[key].ndim:
-            dst[key][start:stop] = out
-        else:
-            dst[key][...] = out
-        stats.append(_range_stats(key, out, start))
+        stats.append(_store_range(dst, key, start, stop, out))
     return [], stats
 
 
@@ -120,12 +130,8 @@ def _reduce_block(block, sources: dict[int, object], dst, n_total: int) -> tuple
             acc = part.copy() if acc is None else np.add(acc, part, out=acc)
         if bad:
             return sorted(set(bad)), []
-        out = acc if key.startswith("gram/") else acc / np.float32(n_total)
-        if dst[key].ndim:
-            dst[key][start:stop] = out
-        else:
-            dst[key][...] = out
-        stats.append(_range_stats(key, out, start))
+        out = acc if _is_gram(key) else acc / np.float32(n_total)
+        stats.append(_store_range(dst, key, start, stop, out))
     return [], stats
 
 
@@ -192,9 +198,9 @@ def reduce_partials(
         summary = {
             k: {"mass": t[0], "max": t[1], "zero_fraction": t[2] / max(t[3], 1)}
             for k, t in totals.items()
-            if not k.startswith("gram/")
+            if not _is_gram(k)
         }
-        gram_stats = {k: {"trace": t[0], "max_abs": t[1]} for k, t in totals.items() if k.startswith("gram/")}
+        gram_stats = {k: {"trace": t[0], "max_abs": t[1]} for k, t in totals.items() if _is_gram(k)}
         extra = {"grams": grams, "gram_stats": gram_stats} if grams else {}
         return commit_store(staging, store_uri, out, {**attrs, "n_examples": n_total, "tensor_stats": summary, **extra})
     except BaseException:
