@@ -11,7 +11,7 @@ from __future__ import annotations
 from fishmerge.errors import FishmergeError
 from fishmerge.flows.merge import fishers_for, merge_validated
 from fishmerge.merge.methods import get_method
-from fishmerge.pipeline.baselines import BASELINE_METHOD, baseline_weights, needs_baseline_search
+from fishmerge.pipeline.baselines import best_choice, compared_methods, configured_choice
 from fishmerge.tasks import fails_on_bad_input
 from fishmerge.tasks.pipeline import (
     pipeline_evaluate,
@@ -37,16 +37,17 @@ def fisher_merge_pipeline(config: str, progress: bool = False) -> dict:
     searches: dict[str, dict] = {}
     # λ as the merge itself uses them (normalised only by methods that normalise), as `fishmerge merge` does
     weights = [float(w) for w in get_method(cfg.method).check_weights([m.weight for m in cfg.models])]
-    iso_weights = baseline_weights(cfg)
+    compared = {name: configured_choice(cfg, name) for name in compared_methods(cfg)}
     if cfg.search:
         found = pipeline_search(cfg, fishers)
         searches[cfg.method] = found
-        weights = found["candidates"][found["best"]]["weights"]
-        log.info("λ search (%s): best %s = %.4f", cfg.method, weights, found["candidates"][found["best"]]["score"])
-        if needs_baseline_search(cfg):
-            iso = pipeline_search(cfg, fishers, BASELINE_METHOD)
-            searches[BASELINE_METHOD] = iso
-            iso_weights = iso["candidates"][iso["best"]]["weights"]
+        for name in compared:
+            searches[name] = pipeline_search(cfg, fishers, name)
+            compared[name] = best_choice(searches[name])
+        chosen = best_choice(found)
+        weights = chosen["weights"]
+        cfg = cfg.with_params(cfg.method, chosen["params"])  # what the search chose (e.g. TIES's scale)
+        log.info("search (%s): best %s = %.4f", cfg.method, chosen, found["candidates"][found["best"]]["score"])
 
     merged = merge_validated(
         cfg=cfg,
@@ -64,7 +65,7 @@ def fisher_merge_pipeline(config: str, progress: bool = False) -> dict:
 
     results: dict = {}
     if cfg.evaluate:
-        results = pipeline_evaluate(cfg, plan, iso_weights, merged_dirs)["results"]
+        results = pipeline_evaluate(cfg, fishers, plan, compared, merged_dirs)["results"]
 
     tracked = pipeline_track(cfg, prep["config_text"], plan, searches, results, merged_dirs, prep["tracking_uri"])
     report = pipeline_report(cfg, fishers, plan.weights, searches, results, tracked, merged_dirs)
@@ -72,7 +73,7 @@ def fisher_merge_pipeline(config: str, progress: bool = False) -> dict:
         "output": summary["output"],
         "targets": merged_dirs,
         "weights": dict(zip(names, plan.weights)),
-        "isotropic_weights": dict(zip(names, iso_weights)) if iso_weights else None,
+        "compared": {m: {**c, "weights": dict(zip(names, c["weights"]))} for m, c in compared.items()},
         "results": results,
         "run_id": tracked.get("run_id"),
         "decisions": tracked.get("decisions", {}),

@@ -56,7 +56,7 @@ def pipeline_prepare(config: str, run_root: str = "./.fishmerge/runs") -> dict:
 
 @task(name="pipeline-search", cache_policy=NO_CACHE)
 def pipeline_search(cfg: MergeConfig, fishers: dict[str, str], method: str | None = None) -> dict:
-    """λ search (cached by content): every candidate merged in memory and scored on the search split."""
+    """Validation search (cached by content): every candidate merged in memory and scored on the search split."""
     from fishmerge.pipeline.baselines import cached_search
 
     return cached_search(cfg, fishers, method)
@@ -64,12 +64,13 @@ def pipeline_search(cfg: MergeConfig, fishers: dict[str, str], method: str | Non
 
 @task(name="pipeline-evaluate", cache_policy=NO_CACHE)
 def pipeline_evaluate(
-    cfg: MergeConfig, plan: MergePlan, isotropic_weights: list[float] | None, merged_dirs: dict[str, str]
+    cfg: MergeConfig, fishers: dict[str, str], plan: MergePlan, compared: dict[str, dict], merged_dirs: dict[str, str]
 ) -> dict:
-    """Merged models and baselines on each task's evaluation split (cached by content)."""
+    """Merged models, the methods they are compared with and the references on each task's evaluation
+    split (cached by content)."""
     from fishmerge.pipeline.baselines import cached_evaluation
 
-    return cached_evaluation(cfg, plan, isotropic_weights, merged_dirs)
+    return cached_evaluation(cfg, fishers, plan, compared, merged_dirs)
 
 
 @task(name="pipeline-track", retries=2, retry_delay_seconds=3, retry_condition_fn=not_bad_input, cache_policy=NO_CACHE)

@@ -40,14 +40,15 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+from fishmerge.merge.methods.task_arithmetic import SEARCHED_SCALES as TA_SCALES  # noqa: E402
+from fishmerge.merge.methods.ties import SEARCHED_DENSITIES as TIES_DENSITIES  # noqa: E402
+from fishmerge.merge.methods.ties import SEARCHED_SCALES as TIES_SCALES  # noqa: E402
+
 import tasks  # noqa: E402  (this folder: the task table, with examples/sentiment_party/prepare.py)
 
 prepare = tasks.prepare
 VERSION = 1  # bump when the recipe below changes: invalidates the cached results
 METHODS = ("isotropic", "task_arithmetic", "ties", "fisher", "regmean")
-TA_SCALES = (0.3, 0.5, 0.7, 1.0, 1.3)
-TIES_DENSITIES = (0.1, 0.2, 0.4)
-TIES_SCALES = (0.5, 1.0, 1.5)
 REGMEAN_RETRY_ALPHA = 0.9  # after a singular Gram system at the default α = 1
 METRIC = "accuracy"
 REFERENCES = ("originals", "ensemble", "ensemble_own_heads")
@@ -245,28 +246,25 @@ def fisher_stores(cfg) -> tuple[dict[str, str], dict[str, float]]:
 
 
 def candidate_grid(method: str, k: int, points: int) -> list[tuple[dict, list[float]]]:
-    """(method parameters, λ) to try. λ-searched methods: the pipeline's candidates (a grid for 2 models,
-    the uniform λ and Dirichlet samples for more); task arithmetic and TIES: λᵢ = 1 and a parameter grid."""
+    """(method parameters, λ) to try: the method's own search candidates (`MergeMethod.search_candidates`,
+    as the pipeline's search): λ among the pipeline's candidates (a grid for 2 models, the uniform λ and
+    Dirichlet samples for more) for most methods; λᵢ = 1 and a scale (× density) grid for task arithmetic
+    and TIES. Only the parameters the grid varies are kept (the rest stay as configured)."""
+    from fishmerge.merge.methods import get_method
     from fishmerge.pipeline.search import candidates
 
-    if method in ("isotropic", "fisher", "regmean"):
-        return [({}, lam) for lam in candidates(k, None, points)]
-    ones = [1.0] * k  # task arithmetic: base + scale · Σ τᵢ (scale 1/k is the plain average); TIES: scale-free in λ
-    if method == "task_arithmetic":
-        return [({"scale": s}, ones) for s in TA_SCALES]
-    if method == "ties":
-        return [({"density": d, "scale": s}, ones) for d in TIES_DENSITIES for s in TIES_SCALES]
-    raise ValueError(method)
+    m = get_method(method)
+    pairs = m.search_candidates(m.Params(), candidates(k, None, points))
+    dumps = [p.model_dump() for p, _ in pairs]
+    varied = [n for n in dumps[0] if len({repr(d[n]) for d in dumps}) > 1]
+    return [({n: d[n] for n in varied}, lam) for d, (_, lam) in zip(dumps, pairs)]
 
 
 def plan_with(cfg, fishers: dict, method: str, params: dict):
-    """The plan of `method` with its parameters set: scale/density are top-level keys, alpha is regmean's."""
-    from fishmerge.merge.plan import plan_for
+    """The plan of `method` with its parameters set (scale/density top-level keys, alpha regmean's)."""
+    from fishmerge.pipeline.baselines import method_plan
 
-    c = cfg.model_copy(deep=True)
-    for key, value in params.items():
-        setattr(c.regmean if key == "alpha" else c, key, value)
-    return plan_for(c, fishers, method=method, check_output=False)
+    return method_plan(cfg, fishers, method, params)
 
 
 def with_plan(scorer, plan):
@@ -347,14 +345,14 @@ def run_references(cfg, fishers: dict, test_scorer, own_heads: bool) -> dict:
     """Fine-tuned models alone and the output ensemble (each body under the target's head) on test; with
     `own_heads` (one task) also the classic ensemble: each fine-tune with its own head."""
     from fishmerge.io.checkpoint import load_model
-    from fishmerge.pipeline.baselines import evaluate_baselines
+    from fishmerge.pipeline.baselines import evaluate_references
     from fishmerge.pipeline.evaluation import classification_metrics, ensemble_probabilities
     from fishmerge.pipeline.search import load_inputs
 
     t0 = time.perf_counter()
     plan = plan_with(cfg, fishers, "isotropic", {})  # reads no Fisher and no base: the models' bodies only
     scorer = with_plan(test_scorer, plan)
-    found = evaluate_baselines(scorer, load_inputs(plan), None, [METRIC], ["originals", "ensemble"])
+    found = evaluate_references(scorer, load_inputs(plan), [METRIC], ["originals", "ensemble"])
     per = {kind: {k.split("/")[0]: v for k, v in vals.items()} for kind, vals in found.items()}
     if own_heads:
         first = plan.targets[0].name

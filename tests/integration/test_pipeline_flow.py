@@ -230,7 +230,7 @@ def test_pipeline_follows_a_moved_alias(models, ws, tmp_path_factory, capsys) ->
 
 def test_flows_and_tasks_name_no_merge_method() -> None:
     """Which method merges is the config's and the method registry's business (the merge and pipeline
-    flows and their tasks); the isotropic baseline's method is named once, in fishmerge.pipeline.baselines."""
+    flows and their tasks); the references' plan method is named once, in fishmerge.pipeline.baselines."""
     found = []
     for path in [REPO / f for f in ("flows/merge.py", "flows/pipeline.py", "tasks/merge.py", "tasks/pipeline.py")]:
         for node in ast.walk(ast.parse(path.read_text())):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,40 @@ execution: {{device: cpu}}
     plan = plan_shards(len(r.indices), 1)
     attrs = dict(open_fisher_store(finish(r, plan, [compute_shard(r, s) for s in plan], 1.0)).attrs)
     assert attrs["device"] == "cpu" and attrs["model_dtype"] == "bfloat16", attrs
+
+
+def test_baselines_name_references_and_merge_methods(tmp_path) -> None:
+    """evaluate.baselines takes the references and any registered merge method, in the order given; the
+    merge's own method is not compared with itself, and the methods compared add their statistics."""
+    text = GOOD + "evaluate: {baselines: [ties, originals, fisher, regmean, ensemble]}\n"
+    cfg = load_merge_config(write(tmp_path, text))
+    assert cfg.evaluate.methods == ["ties", "fisher", "regmean"]
+    assert cfg.merge_methods == ["fisher", "ties", "regmean"]
+    assert cfg.estimated_statistics() == ["fisher", "gram"]  # regmean, compared, reads Grams
+
+
+@pytest.mark.parametrize(
+    ("baselines", "message"),
+    [
+        ("[isotropc]", "unknown baseline(s) ['isotropc']: choose from originals, ensemble, fisher, isotropic"),
+        ("[ties, ties]", "baselines named twice: ['ties']"),
+    ],
+)
+def test_bad_baselines_are_one_line_each(tmp_path, baselines, message) -> None:
+    with pytest.raises(FishmergeError, match=re.escape(message)):
+        load_merge_config(write(tmp_path, GOOD + f"evaluate: {{baselines: {baselines}}}\n"))
+
+
+def test_a_compared_method_needing_a_base_is_refused_without_one(tmp_path) -> None:
+    text = GOOD.replace("base: ./models/pretrained\n", "") + "evaluate: {baselines: [task_arithmetic]}\n"
+    with pytest.raises(FishmergeError, match=re.escape("baseline 'task_arithmetic' needs `base:`")):
+        load_merge_config(write(tmp_path, text))
+
+
+def test_with_params_sets_a_methods_own_parameters_only(tmp_path) -> None:
+    cfg = load_merge_config(write(tmp_path, GOOD))
+    ties = cfg.with_params("ties", {"density": 0.4, "scale": 1.5})
+    assert (ties.method_params("ties").density, ties.method_params("ties").scale) == (0.4, 1.5)
+    assert cfg.method_params("ties").density == 0.2  # the config itself is left as it is
+    regmean = cfg.with_params("regmean", {"alpha": 0.5, "floor": 0.5})  # floor is fisher's, borrowed
+    assert regmean.method_params("regmean").alpha == 0.5 and regmean.fisher.floor == cfg.fisher.floor

@@ -130,20 +130,41 @@ class SearchConfig(Strict):
         return v if v is None else _metric_name(v)
 
 
+REFERENCES = ("originals", "ensemble")  # the baselines that are not merges
+
+
 class EvaluateConfig(Strict):
     """Evaluation of the merged models and the baselines on each task's evaluation split."""
 
     split: str | None = None  # default: each model's data.eval_split
     metrics: list[str] | None = None  # default: [accuracy, f1] (classifiers), [nll, perplexity] (causal LMs)
-    baselines: list[Literal["originals", "isotropic", "ensemble"]] = Field(
-        default_factory=lambda: ["originals", "isotropic", "ensemble"]
-    )
+    # What the merge is compared with: `originals` (each fine-tuned target alone), `ensemble` (output
+    # ensembling) and any merge method by name (isotropic, task_arithmetic, ties, fisher, regmean, ...),
+    # each with its own validation search when the pipeline searches; reported side by side in this order.
+    baselines: list[str] = Field(default_factory=lambda: ["originals", "isotropic", "ensemble"])
     limit: int | None = None  # examples per task (default: the whole split)
     batch_size: int = 32
     max_length: int = 128
 
     _counts = at_least(1, "limit", "batch_size")
     _length = at_least(2, "max_length")
+
+    @field_validator("baselines")
+    @classmethod
+    def _baselines(cls, v: list[str]) -> list[str]:
+        valid = [*REFERENCES, *METHODS]
+        unknown = [b for b in v if b not in valid]
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {unknown}: choose from {', '.join(valid)}")
+        dupes = sorted({b for b in v if v.count(b) > 1})
+        if dupes:
+            raise ValueError(f"baselines named twice: {dupes}")
+        return v
+
+    @property
+    def methods(self) -> list[str]:
+        """The merge methods among the baselines, in their order."""
+        return [b for b in self.baselines if b in METHODS]
 
     @field_validator("metrics")
     @classmethod
@@ -243,21 +264,28 @@ class _MergeConfig(Strict):
             raise ValueError(f"model names must be unique: {dupes}")
         if sum(m.weight for m in self.models) <= 0:
             raise ValueError("model weights sum to 0: give at least one model a positive weight")
-        if METHODS[self.method].needs_base and not self.base:
-            raise ValueError(f"method '{self.method}' needs `base:` (the pretrained model the others were tuned from)")
-        needed = METHODS[self.method].statistics(self.method_params())
-        if needed:
+        for method in self.merge_methods:
+            role = "method" if method == self.method else "baseline"
+            if METHODS[method].needs_base and not self.base:
+                raise ValueError(f"{role} '{method}' needs `base:` (the pretrained model the others were tuned from)")
+            needed = METHODS[method].statistics(self.method_params(method))
             lacking = [m.name for m in self.models if not m.fisher and not m.data]
-            if lacking:
+            if needed and lacking:
                 what = " and ".join({"fisher": "Fishers", "gram": "Grams"}[s] for s in needed)
                 raise ValueError(
-                    f"method '{self.method}' needs `fisher:` (a store holding its {what}) or `data:` "
+                    f"{role} '{method}' needs `fisher:` (a store holding its {what}) or `data:` "
                     f"(to estimate them) for model(s) {lacking}"
                 )
         unknown = [t for t in self.targets or [] if t not in names]
         if unknown:
             raise ValueError(f"targets {unknown} are not model names ({', '.join(names)})")
         return self
+
+    @property
+    def merge_methods(self) -> list[str]:
+        """The merge method, then the methods it is compared with (`evaluate.baselines`)."""
+        compared = self.evaluate.methods if self.evaluate else []
+        return [self.method, *(m for m in compared if m != self.method)]
 
     @property
     def target_names(self) -> list[str]:
@@ -273,10 +301,21 @@ class _MergeConfig(Strict):
             values.update(self.method_params(other).model_dump())
         return m.Params.model_validate(values)
 
+    def with_params(self, method: str, values: dict) -> MergeConfig:
+        """A copy with `method`'s own parameters set to `values` where it declares them (e.g. the scale a
+        search chose); parameters it borrows from another method stay as they are."""
+        m = get_method(method)
+        section = m.config_section
+        own = {k: v for k, v in values.items() if k in own_fields(m)}
+        if section is None:
+            return self.model_copy(update=own)
+        return self.model_copy(update={section: getattr(self, section).model_copy(update=own)})
+
     def estimated_statistics(self) -> list[str]:
-        """The statistics estimated from a model's `data:`: what the method reads, plus `fisher.statistics`
+        """The statistics estimated from a model's `data:`: what the methods read (the merge's and those it
+        is compared with), plus `fisher.statistics`
         when the config names them (e.g. Fishers beside regmean's Grams, for `regmean.rest`)."""
-        wanted = set(METHODS[self.method].statistics(self.method_params()))
+        wanted = {s for m in self.merge_methods for s in METHODS[m].statistics(self.method_params(m))}
         if "statistics" in self.fisher.model_fields_set:
             wanted |= set(self.fisher.statistics)
         return [s for s in STATISTICS if s in wanted]

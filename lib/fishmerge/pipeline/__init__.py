@@ -1,5 +1,5 @@
-"""The pipeline's core steps: λ search on validation data, evaluation metrics, the baselines
-(originals, isotropic, output ensemble) with a content-addressed result cache, the report."""
+"""The pipeline's core steps: validation search, evaluation metrics, the baselines (originals, output
+ensemble, and every merge method compared) with a content-addressed result cache, the report."""
 
 from fishmerge.lazy import exports
 
@@ -14,7 +14,8 @@ __all__, __getattr__, __dir__ = exports(
         "classification_metrics": "evaluation",
         "perplexity": "evaluation",
         "evaluate_merged": "baselines",
-        "evaluate_baselines": "baselines",
+        "evaluate_references": "baselines",
+        "evaluate_method": "baselines",
         "cached_search": "baselines",
         "cached_evaluation": "baselines",
         "merge_report_markdown": "report",

@@ -1,16 +1,18 @@
 """The pipeline's λ search and evaluation, cached by content: merged models against the baselines,
 on each target's own task.
 
-Merged outputs and baselines are evaluated (and cached) apart: the baselines read no Fisher, so
+Merged outputs and baselines are evaluated (and cached) apart: the references read no Fisher, so
 every Fisher variant of a merge shares them. Baselines: `originals` (each fine-tuned target model
-alone), `isotropic` (plain λ-weighted average, with its own λ search), `ensemble` (output
-ensembling: the average of the class probabilities that every model's body gives under the
-target's head, or of causal LMs' next-token distributions; equal weights). Metric keys are
-`<task>/<metric>`, e.g. `rte/accuracy`, `reviews/nll`.
+alone), `ensemble` (output ensembling: the average of the class probabilities that every model's
+body gives under the target's head, or of causal LMs' next-token distributions; equal weights), and
+any merge method by name (`isotropic`, `task_arithmetic`, `ties`, `fisher`, `regmean`, …), each with
+λ (or scale, density) of its own validation search, merged in memory with the plan's inputs. Metric
+keys are `<task>/<metric>`, e.g. `rte/accuracy`, `reviews/nll`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -18,7 +20,7 @@ import json
 from fishmerge import __version__
 from fishmerge.errors import FishmergeError
 from fishmerge.io import storage
-from fishmerge.merge.config import MergeConfig
+from fishmerge.merge.config import REFERENCES, MergeConfig
 from fishmerge.merge.methods import get_method
 from fishmerge.merge.plan import MergePlan, plan_for
 from fishmerge.pipeline.metrics import DEFAULTS as DEFAULT_METRICS
@@ -26,33 +28,32 @@ from fishmerge.pipeline.metrics import check_applies, get_metric, key_name, task
 from fishmerge.pipeline.search import MergeInputs, Scorer, candidates, load_inputs, load_state, merge_in_memory, search
 
 CACHE_ROOT = "./.fishmerge/cache"
-ISOTROPIC = "isotropic"  # the baseline's name in `evaluate.baselines` and in the pipeline's searches
-BASELINE_METHOD = "isotropic"  # the merge method of the isotropic baseline (the one place it is named)
+REFERENCE_METHOD = "isotropic"  # the references' plan: plain averaging (it reads no Fisher, no base)
 
 
-def isotropic_plan(plan: MergePlan) -> MergePlan:
-    """The same merge with plain averaging (the isotropic baseline; it reads no base model)."""
-    method = get_method(BASELINE_METHOD)
+def reference_plan(plan: MergePlan) -> MergePlan:
+    """The same merge with plain averaging: what the references (originals, ensemble) depend on —
+    models and data, no Fisher, no base."""
+    method = get_method(REFERENCE_METHOD)
     return dataclasses.replace(plan, method=method.name, params=method.Params(), base=None, base_keys={})
 
 
-def baseline_is_the_merge(cfg: MergeConfig) -> bool:
-    """The merge itself is the isotropic baseline's method: the baseline would repeat it."""
-    return cfg.method == BASELINE_METHOD
+def compared_methods(cfg: MergeConfig) -> list[str]:
+    """The merge methods the merge is compared with (`evaluate.baselines`), the merge's own left out."""
+    return cfg.merge_methods[1:]
 
 
-def needs_baseline_search(cfg: MergeConfig) -> bool:
-    """The isotropic baseline is evaluated with λ of its own search (a search, the baseline asked for,
-    and a merge method other than the baseline's)."""
-    return bool(cfg.search and cfg.evaluate and ISOTROPIC in cfg.evaluate.baselines) and not baseline_is_the_merge(cfg)
+def configured_choice(cfg: MergeConfig, method: str) -> dict:
+    """A method's λ and parameters as the config gives them (no search): {'weights', 'params'}."""
+    m = get_method(method)
+    weights = [float(w) for w in m.check_weights([x.weight for x in cfg.models])]
+    return {"weights": weights, "params": cfg.method_params(method).model_dump(mode="json")}
 
 
-def baseline_weights(cfg: MergeConfig) -> list[float] | None:
-    """λ of the isotropic baseline without a search of its own: the config's, as the baseline's method
-    uses them; None when the merge is itself isotropic (nothing to compare)."""
-    if baseline_is_the_merge(cfg):
-        return None
-    return [float(w) for w in get_method(BASELINE_METHOD).check_weights([m.weight for m in cfg.models])]
+def best_choice(found: dict) -> dict:
+    """The chosen candidate of a search: {'weights', 'params'}."""
+    best = found["candidates"][found["best"]]
+    return {"weights": best["weights"], "params": best.get("params", {})}
 
 
 def _record(out: dict[str, dict[str, float]], kind: str, target: str, values: dict[str, float]) -> None:
@@ -76,34 +77,37 @@ def evaluate_merged(scorer: Scorer, merged_dirs: dict[str, str], metrics: list[s
     return out
 
 
-def evaluate_baselines(
-    scorer: Scorer,
-    inputs: MergeInputs,
-    isotropic_weights: list[float] | None,
-    metrics: list[str],
-    baselines: list[str],
+def evaluate_references(
+    scorer: Scorer, inputs: MergeInputs, metrics: list[str], references: list[str]
 ) -> dict[str, dict[str, float]]:
-    """{'originals'|'isotropic'|'ensemble': {'<task>/<metric>': value}}; none of them reads a Fisher.
-    The ensemble is scored by the built-in metrics only (a user scorer is called with one model)."""
+    """{'originals'|'ensemble': {'<task>/<metric>': value}}; neither reads a Fisher. The ensemble is
+    scored by the built-in metrics only (a user scorer is called with one model)."""
     from fishmerge.io.checkpoint import load_model
 
     plan = scorer.plan
-    out: dict[str, dict[str, float]] = {b: {} for b in baselines}
+    out: dict[str, dict[str, float]] = {r: {} for r in references}
     for t in plan.targets:
-        if "originals" in baselines:
+        if "originals" in references:
             original, _ = load_model(plan.models[t.index].path, device=_device_of(scorer, t.name))
             _record(out, "originals", t.name, scorer.score(t.name, metrics, original))
             del original
-        if ISOTROPIC in baselines and isotropic_weights is not None:
-            load_state(scorer.models[t.name], merge_in_memory(isotropic_plan(plan), inputs, isotropic_weights, t.index))
-            _record(out, ISOTROPIC, t.name, scorer.score(t.name, metrics))
-        if "ensemble" in baselines:
+        if "ensemble" in references:
             outputs = []
             for theta in inputs.thetas:  # every model's body under this target's head (an LM: every model)
                 load_state(scorer.models[t.name], theta)
                 outputs.append(scorer.outputs(t.name))
             _record(out, "ensemble", t.name, scorer.ensemble(t.name, outputs, metrics))
     return out
+
+
+def evaluate_method(scorer: Scorer, inputs: MergeInputs, weights: list[float], metrics: list[str]) -> dict:
+    """{'<task>/<metric>': value} of the scorer's plan merged in memory with λ = weights, on every target."""
+    out: dict[str, dict[str, float]] = {}
+    shared: dict = {}
+    for t in scorer.plan.targets:
+        load_state(scorer.models[t.name], merge_in_memory(scorer.plan, inputs, weights, t.index, shared))
+        _record(out, "merged", t.name, scorer.score(t.name, metrics))
+    return out.get("merged", {})
 
 
 def task_kinds(cfg: MergeConfig) -> dict[str, str]:
@@ -273,50 +277,91 @@ def data_fingerprints(scorer: Scorer) -> dict[str, str]:
     return out
 
 
+def method_plan(cfg: MergeConfig, fishers: dict[str, str], method: str, params: dict | None = None) -> MergePlan:
+    """The plan of `method` over the config's inputs (its parameters set to `params` when given)."""
+    c = cfg.with_params(method, params) if params else cfg
+    return plan_for(c, fishers, method=method, check_output=False)
+
+
 def cached_search(cfg: MergeConfig, fishers: dict[str, str], method: str | None = None) -> dict:
-    """The λ search of `cfg` (with its method, or `method`: a baseline's), computed once per content key:
-    {'candidates', 'best', 'metric', 'method', 'cached', 'names'}."""
+    """The validation search of `cfg`'s method (or of `method`, one it is compared with), computed once
+    per content key: {'candidates', 'best', 'metric', 'method', 'cached', 'names'}. The candidates are
+    the method's own (`MergeMethod.search_candidates`): λ for most methods, scale (and density) for
+    task arithmetic and TIES."""
     settle_metrics(cfg)
     s = cfg.search
-    plan = plan_for(cfg, fishers, method=method, check_output=False)
+    plan = method_plan(cfg, fishers, method or cfg.method)
     ev = cfg.evaluate
     sizes = (ev.batch_size, ev.max_length) if ev else (32, 128)
     scorer = Scorer(cfg, plan, s.split, s.limit, cfg.execution.device, *sizes, metrics=[s.metric])
     lambdas = candidates(len(plan.models), s.strategy, s.points, s.seed)
+    pairs = plan.merge_method.search_candidates(plan.params, lambdas)
+    tried = [[p.model_dump(mode="json"), w] for p, w in pairs]
     scoring = {"max_length": scorer.max_length, "device": cfg.execution.device}  # what can change a score
     key = content_key(
         plan,
         "search",
-        {"search": s.model_dump(), "scoring": scoring, "data": data_fingerprints(scorer), "lambdas": lambdas},
+        {"search": s.model_dump(), "scoring": scoring, "data": data_fingerprints(scorer), "candidates": tried},
     )
 
     def compute():
         inputs = load_inputs(plan)
-        return search(scorer, inputs, lambdas, s.metric, s.workers, progress=True, desc=f"λ search ({plan.method})")
+        return search(
+            scorer,
+            inputs,
+            [w for _, w in pairs],
+            s.metric,
+            s.workers,
+            progress=True,
+            desc=f"search ({plan.method})",
+            params=[p for p, _ in pairs],
+        )
 
     result, hit = cached(key, compute)
     return {**result, "method": plan.method, "cached": hit, "names": [m.name for m in plan.models]}
 
 
 def cached_evaluation(
-    cfg: MergeConfig, plan: MergePlan, isotropic_weights: list[float] | None, merged_dirs: dict[str, str]
+    cfg: MergeConfig, fishers: dict[str, str], plan: MergePlan, compared: dict[str, dict], merged_dirs: dict[str, str]
 ) -> dict:
-    """The merged outputs of `plan` and the baselines on each task's evaluation split, each computed once
-    per content key: {'results': {kind: {'<task>/<metric>': value}}, 'cached'}."""
+    """The merged outputs of `plan`, the methods it is compared with (`compared`: method -> its chosen
+    {'weights', 'params'}, merged in memory) and the references, on each task's evaluation split, each
+    computed once per content key: {'results': {kind: {'<task>/<metric>': value}}, 'cached'} with the
+    kinds in `evaluate.baselines` order after 'merged'."""
     settle_metrics(cfg)
     ev = cfg.evaluate
-    scorer = Scorer(
-        cfg, plan, ev.split, ev.limit, cfg.execution.device, ev.batch_size, ev.max_length, metrics=list(ev.metrics)
-    )
+    metrics = list(ev.metrics)
+
+    scorer = Scorer(cfg, plan, ev.split, ev.limit, cfg.execution.device, ev.batch_size, ev.max_length, metrics=metrics)
+
+    def scorer_of(p: MergePlan) -> Scorer:
+        """The same targets' models and tasks, scoring the merges of plan `p`."""
+        other = copy.copy(scorer)
+        other.plan = p
+        return other
+
     settings = {"evaluate": ev.model_dump(), "data": data_fingerprints(scorer)}
+    hits = []
     merged_key = content_key(plan, "evaluate-merged", {"plan": plan.plan_id, **settings})
-    merged, merged_hit = cached(merged_key, lambda: evaluate_merged(scorer, merged_dirs, list(ev.metrics)))
-    baseline_plan = isotropic_plan(plan)  # what the baselines depend on: models and data, no Fisher
-    base_key = content_key(baseline_plan, "evaluate-baselines", {"iso": isotropic_weights, **settings})
-    baselines, base_hit = cached(
-        base_key,
-        lambda: evaluate_baselines(
-            scorer, load_inputs(baseline_plan), isotropic_weights, list(ev.metrics), list(ev.baselines)
-        ),
-    )
-    return {"results": {**merged, **baselines}, "cached": merged_hit and base_hit}
+    merged, hit = cached(merged_key, lambda: evaluate_merged(scorer, merged_dirs, metrics))
+    hits.append(hit)
+    by_kind = dict(merged)
+    for name, choice in compared.items():
+        p = method_plan(cfg, fishers, name, choice["params"])
+        key = content_key(p, "evaluate-method", {"weights": choice["weights"], **settings})
+        values, hit = cached(
+            key, lambda p=p, w=choice["weights"]: evaluate_method(scorer_of(p), load_inputs(p), w, metrics)
+        )
+        by_kind[name] = values
+        hits.append(hit)
+    references = [b for b in ev.baselines if b in REFERENCES]
+    if references:
+        ref_plan = reference_plan(plan)
+        key = content_key(ref_plan, "evaluate-references", {"references": references, **settings})
+        values, hit = cached(
+            key, lambda: evaluate_references(scorer_of(ref_plan), load_inputs(ref_plan), metrics, references)
+        )
+        by_kind.update(values)
+        hits.append(hit)
+    order = ["merged", *(b for b in ev.baselines if b in by_kind and b != "merged")]
+    return {"results": {k: by_kind[k] for k in order}, "cached": all(hits)}

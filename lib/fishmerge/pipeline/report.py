@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -15,15 +16,38 @@ from fishmerge.merge.config import MergeConfig  # noqa: E402
 from fishmerge.pipeline.baselines import directions  # noqa: E402
 from fishmerge.pipeline.metrics import BUILTIN  # noqa: E402
 
-KINDS = ["merged", "isotropic", "originals", "ensemble"]
+
+def kinds_of(results: dict[str, dict[str, float]]) -> list[str]:
+    """The evaluated kinds in their order (the merge, then `evaluate.baselines`), those with values only."""
+    return [k for k in results if results.get(k)]
+
+
+def varied_params(search: dict) -> list[str]:
+    """The method parameters that differ between a search's candidates (task arithmetic's scale, ...)."""
+    cands = search["candidates"]
+    names = list(cands[0].get("params", {})) if cands else []
+    return [n for n in names if len({repr(c.get("params", {}).get(n)) for c in cands}) > 1]
+
+
+def searches_lambda(search: dict) -> bool:
+    """Whether a search's candidates differ in λ (else only in the method's parameters)."""
+    return len({tuple(c["weights"]) for c in search["candidates"]}) > 1
 
 
 def plot_lambda_curve(searches: dict[str, dict], model_names: list[str], path: Path) -> Path:
-    """Search metric against λ of the first model (2 models) or per candidate (more)."""
+    """Search metric against λ of the first model (2 models) or per candidate (more); a search over a
+    method's parameters (task arithmetic's scale, TIES's density × scale) per candidate."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, s in searches.items():
         cands = s["candidates"]
-        if len(model_names) == 2:
+        if not searches_lambda(s):
+            varied = varied_params(s)
+            xs = list(range(len(cands)))
+            ax.plot(
+                xs, [c["score"] for c in cands], marker="s", linestyle=":", label=f"{label} (by {', '.join(varied)})"
+            )
+            ax.scatter([s["best"]], [cands[s["best"]]["score"]], s=120, facecolors="none", edgecolors="black")
+        elif len(model_names) == 2:
             xs = [c["weights"][0] for c in cands]
             ax.plot(xs, [c["score"] for c in cands], marker="o", label=label)
             best = cands[s["best"]]
@@ -47,7 +71,7 @@ def plot_task_bars(
     results: dict[str, dict[str, float]], metric: str, path: Path, higher_is_better: bool = True
 ) -> Path:
     """One group of bars per task: merged against each baseline, on `metric`."""
-    kinds = [k for k in KINDS if results.get(k)]
+    kinds = kinds_of(results)
     tasks = sorted({key.split("/")[0] for key in results["merged"]})
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 3.6))
     width = 0.8 / max(len(kinds), 1)
@@ -66,15 +90,18 @@ def plot_task_bars(
     return path
 
 
-def results_table(results: dict[str, dict[str, float]], higher: dict[str, bool] | None = None) -> str:
+def results_table(
+    results: dict[str, dict[str, float]], higher: dict[str, bool] | None = None, method: str | None = None
+) -> str:
     """Markdown table: each task/metric × merged and baselines, the best of each row in bold by the
     metric's direction (`higher`: {metric name: higher is better}); a note when nothing was evaluated."""
     if not results.get("merged"):
         return "Not evaluated (the config has no `evaluate:`)."
     higher = higher or {}
-    kinds = [k for k in KINDS if results.get(k)]
+    kinds = kinds_of(results)
     keys = sorted(results["merged"])
-    lines = ["| task/metric | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    labels = [f"merged ({method})" if k == "merged" and method else k for k in kinds]
+    lines = ["| task/metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(kinds)]
     for key in keys:
         name = key.rsplit("/", 1)[-1]
         up = higher.get(name, BUILTIN[name].higher_is_better if name in BUILTIN else True)
@@ -96,16 +123,53 @@ def results_table(results: dict[str, dict[str, float]], higher: dict[str, bool] 
 
 
 def candidates_table(search: dict, model_names: list[str]) -> str:
-    lines = [
-        "| # | "
-        + " | ".join(f"λ {n}" for n in model_names)
-        + f" | {search['metric']} {'↑' if search.get('higher_is_better', True) else '↓'} |",
-        "|---" * (len(model_names) + 2) + "|",
-    ]
+    """Markdown table of a search's candidates: λ per model, the parameters that vary, the score."""
+    varied = varied_params(search)
+    cols = [f"λ {n}" for n in model_names] + varied
+    arrow = "↑" if search.get("higher_is_better", True) else "↓"
+    lines = ["| # | " + " | ".join(cols) + f" | {search['metric']} {arrow} |", "|---" * (len(cols) + 2) + "|"]
     for i, c in enumerate(search["candidates"]):
         mark = " **best**" if i == search["best"] else ""
-        lines.append(f"| {i} | " + " | ".join(f"{w:.3f}" for w in c["weights"]) + f" | {c['score']:.4f}{mark} |")
+        cells = [f"{w:.3f}" for w in c["weights"]] + [f"{c['params'][n]:g}" for n in varied]
+        lines.append(f"| {i} | " + " | ".join(cells) + f" | {c['score']:.4f}{mark} |")
     return "\n".join(lines)
+
+
+def choice_text(search: dict, model_names: list[str]) -> str:
+    """A search's chosen candidate as people read it: λ when the search varied λ, and the parameters it varied."""
+    best = search["candidates"][search["best"]]
+    parts = [", ".join(f"{n}={w:.2f}" for n, w in zip(model_names, best["weights"]))] if searches_lambda(search) else []
+    parts += [f"{n}={best['params'][n]:g}" for n in varied_params(search)]
+    return "; ".join(parts) or "as configured"
+
+
+def methods_table(
+    method: str,
+    results: dict[str, dict[str, float]],
+    searches: dict[str, dict],
+    model_names: list[str],
+    higher: dict[str, bool] | None = None,
+) -> str:
+    """Every evaluated kind side by side on the first evaluated metric: the mean over the targets, the
+    gap to the merge, each method's validation choice and score."""
+    if not results.get("merged"):
+        return ""
+    metric = next(iter(higher)) if higher else sorted(results["merged"])[0].rsplit("/", 1)[-1]
+    up = (higher or {}).get(metric, BUILTIN[metric].higher_is_better if metric in BUILTIN else True)
+    keys = [k for k in results["merged"] if k.rsplit("/", 1)[-1] == metric]
+    mean = {k: float(np.mean([results[k][x] for x in keys if x in results[k]])) for k in kinds_of(results)}
+    lines = [
+        f"| | mean {metric} {'↑' if up else '↓'} | vs merged | chosen on validation | validation score |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in kinds_of(results):
+        label = f"**merged ({method})**" if kind == "merged" else kind
+        s = searches.get(method if kind == "merged" else kind)
+        chosen = choice_text(s, model_names) if s else "—"
+        score = f"{s['candidates'][s['best']]['score']:.4f}" if s else "—"
+        gap = "" if kind == "merged" else f"{mean[kind] - mean['merged']:+.4f}"
+        lines.append(f"| {label} | {mean[kind]:.4f} | {gap} | {chosen} | {score} |")
+    return "\n".join(lines) + f"\n\nMean over the targets' {metric} on the evaluation split."
 
 
 def report_markdown(
@@ -122,6 +186,9 @@ def report_markdown(
 ) -> str:
     """The pipeline run as one page: chosen λ, the results table, promotion decisions, candidates."""
     lam = ", ".join(f"{n}={w:.3f}" for n, w in zip(model_names, weights))
+    if method in searches and varied_params(searches[method]):
+        best = searches[method]["candidates"][searches[method]["best"]]
+        lam += " (" + ", ".join(f"{n}={best['params'][n]:g}" for n in varied_params(searches[method])) + ")"
     decision_rows = (
         "\n".join(
             f"| {model} | v{d.get('version')} | {d.get('decision')} | {d.get('reason')} |"
@@ -136,8 +203,11 @@ def report_markdown(
 
 Method **{method}**, chosen λ: {lam}.
 
+## Methods side by side
+{methods_table(method, results, searches, model_names, higher)}
+
 ## Results
-{results_table(results, higher)}
+{results_table(results, higher, method)}
 
 ## Registry and promotion
 | registered model | version | decision | reason |
@@ -149,7 +219,7 @@ Method **{method}**, chosen λ: {lam}.
 |---|---|
 {out_rows}
 
-## λ candidates
+## Search candidates
 {cand}
 
 ## Plots
@@ -196,6 +266,7 @@ def candidate_rows(search: dict, model_names: list[str]) -> list[dict]:
         {
             "candidate": i,
             **{f"lambda_{n}": round(w, 4) for n, w in zip(model_names, c["weights"])},
+            **{n: c["params"][n] for n in varied_params(search)},
             search["metric"]: round(c["score"], 4),
             "best": i == search["best"],
         }

@@ -12,6 +12,7 @@ that fit; the final merge is out of core).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -35,6 +36,7 @@ from fishmerge.pipeline.evaluation import (
     load_eval_rows,
 )
 from fishmerge.pipeline.metrics import CAUSAL_LM, call_scorer, check_applies, get_metric, key_name, task_kind
+from fishmerge.schema import Strict
 
 
 def candidates(k: int, strategy: str | None, points: int, seed: int = 0) -> list[list[float]]:
@@ -245,14 +247,19 @@ class Scorer:
         return other
 
 
-def score_candidate(scorer: Scorer, inputs: MergeInputs, weights: list[float], metric: str) -> dict:
-    """Merge with λ = weights for every target, score each on its task; the mean is the candidate's score."""
+def score_candidate(
+    scorer: Scorer, inputs: MergeInputs, weights: list[float], metric: str, params: Strict | None = None
+) -> dict:
+    """Merge with λ = weights (and the method's `params`, default the plan's) for every target, score each
+    on its task; the mean is the candidate's score."""
+    plan = scorer.plan if params is None else dataclasses.replace(scorer.plan, params=params)
     per_task, shared = {}, {}
-    for t in scorer.plan.targets:
-        load_state(scorer.models[t.name], merge_in_memory(scorer.plan, inputs, weights, t.index, shared))
+    for t in plan.targets:
+        load_state(scorer.models[t.name], merge_in_memory(plan, inputs, weights, t.index, shared))
         per_task[t.name] = scorer.score(t.name, [metric])[key_name(metric)]
     return {
         "weights": [float(w) for w in weights],
+        "params": plan.params.model_dump(mode="json"),
         "score": float(np.mean(list(per_task.values()))),
         "per_task": per_task,
     }
@@ -266,22 +273,39 @@ def search(
     workers: int = 1,
     progress: bool = True,
     desc: str = "λ search",
+    params: list[Strict] | None = None,
 ) -> dict:
-    """Score every candidate; returns {'candidates': [...], 'best': index of the first best}."""
-    bar = tqdm(total=len(lambdas), desc=desc, unit="cand", disable=not progress)
+    """Score every candidate (λ = lambdas[i], with the method's params[i] when given); returns
+    {'candidates': [...], 'best': index of the first best}."""
+    from fishmerge.merge.executor import run_prepasses
+
+    contexts: dict[str, MergeInputs] = {}
+
+    def inputs_for(p: Strict | None) -> MergeInputs:
+        """The inputs with the pre-passes of parameters `p` (TIES's thresholds depend on its density)."""
+        if p is None or p == scorer.plan.params:
+            return inputs
+        key = repr(p.model_dump(mode="json"))
+        if key not in contexts:
+            ctx = run_prepasses(dataclasses.replace(scorer.plan, params=p))
+            contexts[key] = dataclasses.replace(inputs, context=ctx)
+        return contexts[key]
+
+    pairs = [(lam, p, inputs_for(p)) for lam, p in zip(lambdas, params or [None] * len(lambdas))]
+    bar = tqdm(total=len(pairs), desc=desc, unit="cand", disable=not progress)
     if workers <= 1:
         results = []
-        for lam in lambdas:
-            results.append(score_candidate(scorer, inputs, lam, metric))
+        for lam, p, inp in pairs:
+            results.append(score_candidate(scorer, inp, lam, metric, p))
             bar.update(1)
     else:
         scorers = [scorer] + [scorer.copy() for _ in range(workers - 1)]
-        chunks = [lambdas[i::workers] for i in range(workers)]
+        chunks = [pairs[i::workers] for i in range(workers)]
 
         def run(i: int) -> list[tuple[int, dict]]:
             out = []
-            for j, lam in enumerate(chunks[i]):
-                out.append((i + j * workers, score_candidate(scorers[i], inputs, lam, metric)))
+            for j, (lam, p, inp) in enumerate(chunks[i]):
+                out.append((i + j * workers, score_candidate(scorers[i], inp, lam, metric, p)))
                 bar.update(1)
             return out
 

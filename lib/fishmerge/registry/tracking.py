@@ -15,6 +15,7 @@ from fishmerge.fisher.statistics import FISHER
 from fishmerge.merge.config import MergeConfig
 from fishmerge.merge.plan import MergePlan
 from fishmerge.pipeline.baselines import DEFAULT_METRICS, directions, task_kinds
+from fishmerge.pipeline.report import varied_params
 
 
 def registered_name(cfg: MergeConfig, target: str) -> str:
@@ -92,7 +93,11 @@ def log_pipeline_run(
             for i, c in enumerate(s["candidates"]):
                 with mlflow.start_run(run_name=f"{label}-{i}", nested=True):
                     mlflow.log_params(
-                        {"search": label, **{f"lambda/{n}": round(w, 6) for n, w in zip(names, c["weights"])}}
+                        {
+                            "search": label,
+                            **{f"lambda/{n}": round(w, 6) for n, w in zip(names, c["weights"])},
+                            **{f"param/{p}": c["params"][p] for p in varied_params(s)},
+                        }
                     )
                     mlflow.log_metrics(
                         {

@@ -84,6 +84,11 @@ class MergeMethod:
         input width `width`; per merged element)."""
         return 0, 0
 
+    def search_candidates(self, params: Strict, lambdas: Sequence[Sequence[float]]) -> list[tuple[Strict, list[float]]]:
+        """(parameters, λ) pairs the validation search tries: by default every λ candidate with the configured
+        parameters; a method whose strength is a parameter (task arithmetic's scale) searches that instead."""
+        return [(params, [float(w) for w in lam]) for lam in lambdas]
+
     def prepasses(self, params: Strict) -> list[Prepass]:
         """Statistics over the whole inputs the formula needs with these parameters (none by default)."""
         return []

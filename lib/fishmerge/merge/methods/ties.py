@@ -6,6 +6,9 @@ Trimming keeps the k = ⌊density·n⌋ largest |θᵢ − base| of each tensor 
 does (0.1.5, `sparsify.magnitude`), but at least one (where mergekit refuses to run). The k-th
 largest magnitude is found exactly out of core by a pre-pass: two streaming passes of 65536-bin
 histograms over the float32 bit patterns (monotone for non-negative floats).
+
+Searched on validation with λᵢ = 1 over SEARCHED_DENSITIES × SEARCHED_SCALES (the paper tunes the scale
+and keeps density 0.2; the grid adds a sparser and a denser trim).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from pydantic import AfterValidator, Field
 from fishmerge.errors import FishmergeError
 from fishmerge.merge.inputs import base_rows, model_rows, row_blocks
 from fishmerge.merge.methods.base import MergeMethod, Prepass, register_method
-from fishmerge.merge.methods.task_arithmetic import ScaleParams
+from fishmerge.merge.methods.task_arithmetic import ScaleParams, unit_weights
+
+SEARCHED_DENSITIES = (0.1, 0.2, 0.4)
+SEARCHED_SCALES = (0.5, 1.0, 1.5)
 
 
 def _fraction(v: float) -> float:
@@ -99,6 +105,11 @@ class Ties(MergeMethod):
 
     def prepasses(self, params):
         return [Prepass("ties_thresholds", ties_thresholds, passes=2)]
+
+    def search_candidates(self, params, lambdas):
+        ones = unit_weights(lambdas)
+        grid = [(d, s) for d in SEARCHED_DENSITIES for s in SEARCHED_SCALES]
+        return [(params.model_copy(update={"density": d, "scale": s}), ones) for d, s in grid]
 
     def merge(self, thetas, weights, *, params, base=None, context=None, key="", **_):
         b = base.astype(np.float32, copy=False)
