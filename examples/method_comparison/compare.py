@@ -679,6 +679,21 @@ def plot(sections: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def raw_path(doc: Path) -> Path:
+    """The raw JSON beside the page: every run it reports, whole."""
+    return doc.with_name("results_methods_raw.json")
+
+
+def saved_runs(doc: Path, knobs: dict) -> dict[str, dict[int, dict]]:
+    """The runs the page's raw JSON already holds with these knobs: {setting: {seed: run}}."""
+    raw = read_json(raw_path(doc)) or {}
+    return {
+        setting: {r["seed"]: r for r in v.get("runs", []) if r.get("knobs") == knobs}
+        for setting, v in raw.items()
+        if setting in SETTINGS
+    }
+
+
 def write_report(runs: dict[str, list[dict]], doc: Path, report_command: str) -> None:
     doc.parent.mkdir(parents=True, exist_ok=True)
     sections, stats = {}, {}
@@ -689,7 +704,7 @@ def write_report(runs: dict[str, list[dict]], doc: Path, report_command: str) ->
     commands = sorted({r["command"] for rs in runs.values() for r in rs})
     lrs = "/".join(sorted({f"{t.lr:.0e}".replace("e-0", "e-") for t in tasks.TASKS.values()}))
     png = doc.with_name("results_methods.png")
-    raw = doc.with_name("results_methods_raw.json")
+    raw = raw_path(doc)
     head = [
         "# Results: merge methods compared on three real settings",
         "",
@@ -726,13 +741,25 @@ def write_report(runs: dict[str, list[dict]], doc: Path, report_command: str) ->
             "",
         ]
     body = [sections[s] for s in runs]
-    n = len(next(iter(runs.values())))
+    counts = sorted({len(rs) for rs in runs.values()})
+    short = [
+        f"{SETTINGS[s].title}: seeds {', '.join(str(r['seed']) for r in rs)} only"
+        for s, rs in runs.items()
+        if len(rs) < counts[-1]
+    ]
+    if short:
+        head += [
+            f"**Fewer seeds so far:** {'; '.join(short)} (the others: `compare.py --settings <setting> --seeds <seed>`).",
+            "",
+        ]
     limit = k["test_limit"] or 10**9
     sizes = [min(limit, m["sizes"]["test"]) for rs in runs.values() for m in rs[0]["models"]]
     se = lambda rows: float(np.sqrt(0.75 * 0.25 / rows))  # noqa: E731
     spread = (
-        f"the 95 % intervals are t-intervals over the seeds' paired gaps (t = {t95(n):.3f} for {n} seeds)"
-        if n > 1
+        "the 95 % intervals are t-intervals over the seeds' paired gaps ("
+        + ", ".join(f"t = {t95(n):.3f} for {n} seeds" for n in counts if n > 1)
+        + ")"
+        if counts[-1] > 1
         else "with one seed there is no interval"
     )
     tail = [
@@ -790,16 +817,19 @@ def main() -> None:
     knobs = knobs_of(args)
     command = "python examples/method_comparison/compare.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     command = command.strip()
+    saved = saved_runs(Path(args.doc), knobs)  # what the page already holds (caches do not outlive a machine)
     runs: dict[str, list[dict]] = {}
     if args.report_only:
         for setting in settings:
             found = []
             for seed in seeds:
                 r = read_json(root / "results" / setting / f"seed{seed}" / "run.json")
-                if r is None or r.get("knobs") != knobs:
+                r = r if r is not None and r.get("knobs") == knobs else saved.get(setting, {}).get(seed)
+                if r is None:
                     raise SystemExit(
-                        f"no cached results of {setting}, seed {seed} with these settings under {root}: "
-                        "run without --report-only first (with the same --steps/--examples/--limit/--test-limit)"
+                        f"no cached results of {setting}, seed {seed} with these settings under {root} or in "
+                        f"{raw_path(Path(args.doc))}: run without --report-only first (with the same "
+                        "--steps/--examples/--limit/--test-limit)"
                     )
                 found.append(r)
             runs[setting] = found
@@ -815,6 +845,11 @@ def main() -> None:
         datasets.disable_progress_bars()
         for setting in settings:
             runs[setting] = [run_seed(setting, seed, knobs, root, args.device, command) for seed in seeds]
+    # the page keeps what it held: the other seeds of these settings, and the other settings
+    for setting, by_seed in saved.items():
+        mine = {r["seed"]: r for r in runs.get(setting, [])}
+        runs[setting] = [{**by_seed, **mine}[s] for s in sorted({*by_seed, *mine})]
+    runs = {s: runs[s] for s in SETTINGS if s in runs}
     write_report(runs, Path(args.doc), command)
 
 
