@@ -123,4 +123,8 @@ def _symmetrized(acc: torch.Tensor) -> torch.Tensor:
     out = acc.clone()
     for a, b in blocks:
         out[b:, a:b] = acc[a:b, b:].t()
+        # a diagonal block from one GEMM need not be bitwise symmetric (the kernel's summation order
+        # differs between (i, j) and (j, i)): its upper triangle is mirrored too
+        upper = torch.triu(acc[a:b, a:b])
+        out[a:b, a:b] = upper + torch.triu(upper, 1).t()
     return out
