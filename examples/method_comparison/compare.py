@@ -25,7 +25,6 @@ JSON under `--out`, so a rerun skips what is done. Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import hashlib
 import json
@@ -260,24 +259,11 @@ def candidate_grid(method: str, k: int, points: int) -> list[tuple[dict, list[fl
     return [({n: d[n] for n in varied}, lam) for d, (_, lam) in zip(dumps, pairs)]
 
 
-def plan_with(cfg, fishers: dict, method: str, params: dict):
-    """The plan of `method` with its parameters set (scale/density top-level keys, alpha regmean's)."""
-    from fishmerge.pipeline.baselines import method_plan
-
-    return method_plan(cfg, fishers, method, params)
-
-
-def with_plan(scorer, plan):
-    """The scorer (same models and rows) merging by another plan: one per parameter value."""
-    other = copy.copy(scorer)
-    other.plan = plan
-    return other
-
-
 def search_method(cfg, fishers: dict, method: str, scorer, extra: dict) -> dict:
     """Every candidate of `method` scored on validation (one `load_inputs`; the pre-passes, e.g. TIES'
     thresholds, again per parameter value); the first best wins."""
     from fishmerge.merge.executor import run_prepasses
+    from fishmerge.pipeline.baselines import method_plan
     from fishmerge.pipeline.search import load_inputs, score_candidate
 
     grid = candidate_grid(method, len(cfg.models), cfg.search.points)
@@ -286,7 +272,7 @@ def search_method(cfg, fishers: dict, method: str, scorer, extra: dict) -> dict:
     for params, lam in grid:
         p = {**extra, **params}
         if current is None or current[0] != p:
-            plan = plan_with(cfg, fishers, method, p)
+            plan = method_plan(cfg, fishers, method, p)
             if inputs is None:
                 inputs = load_inputs(plan)  # models, Fishers, base, Grams: read once for every candidate
                 ctx = inputs.context
@@ -295,7 +281,7 @@ def search_method(cfg, fishers: dict, method: str, scorer, extra: dict) -> dict:
             current = (p, plan, dataclasses.replace(inputs, context=ctx))
         _, plan, inp = current
         t0 = time.perf_counter()
-        r = score_candidate(with_plan(scorer, plan), inp, lam, METRIC)
+        r = score_candidate(scorer.for_plan(plan), inp, lam, METRIC)
         results.append({"params": p, **r, "seconds": round(time.perf_counter() - t0, 2)})
     best = int(np.argmax([r["score"] for r in results]))  # the first best
     return {"candidates": results, "best": best, "inputs": inputs}
@@ -306,6 +292,7 @@ def run_method(cfg, fishers: dict, method: str, val_scorer, test_scorer) -> dict
     Gram system (recorded)."""
     from fishmerge.merge.executor import run_prepasses
     from fishmerge.merge.methods.regmean import SingularGramSystem
+    from fishmerge.pipeline.baselines import method_plan
     from fishmerge.pipeline.search import score_candidate
 
     t0 = time.perf_counter()
@@ -324,9 +311,9 @@ def run_method(cfg, fishers: dict, method: str, val_scorer, test_scorer) -> dict
     if found is None:
         return {"failed": True, "attempts": attempts, "seconds": {"search": round(t_search, 1)}}
     chosen = found["candidates"][found["best"]]
-    plan = plan_with(cfg, fishers, method, chosen["params"])
+    plan = method_plan(cfg, fishers, method, chosen["params"])
     inputs = dataclasses.replace(found["inputs"], context=run_prepasses(plan))
-    test = score_candidate(with_plan(test_scorer, plan), inputs, chosen["weights"], METRIC)
+    test = score_candidate(test_scorer.for_plan(plan), inputs, chosen["weights"], METRIC)
     plan_params = plan.params.model_dump(mode="json")
     return {
         "method": method,
@@ -345,13 +332,13 @@ def run_references(cfg, fishers: dict, test_scorer, own_heads: bool) -> dict:
     """Fine-tuned models alone and the output ensemble (each body under the target's head) on test; with
     `own_heads` (one task) also the classic ensemble: each fine-tune with its own head."""
     from fishmerge.io.checkpoint import load_model
-    from fishmerge.pipeline.baselines import evaluate_references
+    from fishmerge.pipeline.baselines import evaluate_references, method_plan
     from fishmerge.pipeline.evaluation import classification_metrics, ensemble_probabilities
     from fishmerge.pipeline.search import load_inputs
 
     t0 = time.perf_counter()
-    plan = plan_with(cfg, fishers, "isotropic", {})  # reads no Fisher and no base: the models' bodies only
-    scorer = with_plan(test_scorer, plan)
+    plan = method_plan(cfg, fishers, "isotropic", {})  # reads no Fisher and no base: the models' bodies only
+    scorer = test_scorer.for_plan(plan)
     found = evaluate_references(scorer, load_inputs(plan), [METRIC], ["originals", "ensemble"])
     per = {kind: {k.split("/")[0]: v for k, v in vals.items()} for kind, vals in found.items()}
     if own_heads:
@@ -371,6 +358,7 @@ def run_references(cfg, fishers: dict, test_scorer, own_heads: bool) -> dict:
 def run_seed(setting: str, seed: int, knobs: dict, root: Path, device: str, command: str) -> dict:
     """Everything of one setting and seed (each part cached); returns the record saved as run.json."""
     from fishmerge.io.checkpoint import cached_model_fingerprint
+    from fishmerge.pipeline.baselines import method_plan
     from fishmerge.pipeline.search import Scorer
 
     log(f"== {setting}, seed {seed}")
@@ -393,7 +381,7 @@ def run_seed(setting: str, seed: int, knobs: dict, root: Path, device: str, comm
 
     def scorer(split: str):
         if split not in scorers:  # loaded only when something is computed
-            plan = plan_with(cfg, fishers, "isotropic", {})
+            plan = method_plan(cfg, fishers, "isotropic", {})
             limit = knobs["limit"] if split == "validation" else knobs["test_limit"]
             ml = knobs["eval_max_length"]
             scorers[split] = Scorer(cfg, plan, split, limit, device, 64, ml, metrics=[METRIC])

@@ -264,12 +264,12 @@ class _MergeConfig(Strict):
             raise ValueError(f"model names must be unique: {dupes}")
         if sum(m.weight for m in self.models) <= 0:
             raise ValueError("model weights sum to 0: give at least one model a positive weight")
+        lacking = [m.name for m in self.models if not m.fisher and not m.data]
         for method in self.merge_methods:
             role = "method" if method == self.method else "baseline"
             if METHODS[method].needs_base and not self.base:
                 raise ValueError(f"{role} '{method}' needs `base:` (the pretrained model the others were tuned from)")
             needed = METHODS[method].statistics(self.method_params(method))
-            lacking = [m.name for m in self.models if not m.fisher and not m.data]
             if needed and lacking:
                 what = " and ".join({"fisher": "Fishers", "gram": "Grams"}[s] for s in needed)
                 raise ValueError(

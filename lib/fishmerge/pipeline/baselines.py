@@ -12,7 +12,6 @@ keys are `<task>/<metric>`, e.g. `rte/accuracy`, `reviews/nll`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -102,12 +101,12 @@ def evaluate_references(
 
 def evaluate_method(scorer: Scorer, inputs: MergeInputs, weights: list[float], metrics: list[str]) -> dict:
     """{'<task>/<metric>': value} of the scorer's plan merged in memory with λ = weights, on every target."""
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, float] = {}
     shared: dict = {}
     for t in scorer.plan.targets:
         load_state(scorer.models[t.name], merge_in_memory(scorer.plan, inputs, weights, t.index, shared))
-        _record(out, "merged", t.name, scorer.score(t.name, metrics))
-    return out.get("merged", {})
+        out.update({f"{t.name}/{k}": v for k, v in scorer.score(t.name, metrics).items()})
+    return out
 
 
 def task_kinds(cfg: MergeConfig) -> dict[str, str]:
@@ -334,12 +333,6 @@ def cached_evaluation(
 
     scorer = Scorer(cfg, plan, ev.split, ev.limit, cfg.execution.device, ev.batch_size, ev.max_length, metrics=metrics)
 
-    def scorer_of(p: MergePlan) -> Scorer:
-        """The same targets' models and tasks, scoring the merges of plan `p`."""
-        other = copy.copy(scorer)
-        other.plan = p
-        return other
-
     settings = {"evaluate": ev.model_dump(), "data": data_fingerprints(scorer)}
     hits = []
     merged_key = content_key(plan, "evaluate-merged", {"plan": plan.plan_id, **settings})
@@ -350,7 +343,7 @@ def cached_evaluation(
         p = method_plan(cfg, fishers, name, choice["params"])
         key = content_key(p, "evaluate-method", {"weights": choice["weights"], **settings})
         values, hit = cached(
-            key, lambda p=p, w=choice["weights"]: evaluate_method(scorer_of(p), load_inputs(p), w, metrics)
+            key, lambda p=p, w=choice["weights"]: evaluate_method(scorer.for_plan(p), load_inputs(p), w, metrics)
         )
         by_kind[name] = values
         hits.append(hit)
@@ -359,7 +352,7 @@ def cached_evaluation(
         ref_plan = reference_plan(plan)
         key = content_key(ref_plan, "evaluate-references", {"references": references, **settings})
         values, hit = cached(
-            key, lambda: evaluate_references(scorer_of(ref_plan), load_inputs(ref_plan), metrics, references)
+            key, lambda: evaluate_references(scorer.for_plan(ref_plan), load_inputs(ref_plan), metrics, references)
         )
         by_kind.update(values)
         hits.append(hit)

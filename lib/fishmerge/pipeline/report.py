@@ -15,6 +15,7 @@ from fishmerge.io import storage  # noqa: E402
 from fishmerge.merge.config import MergeConfig  # noqa: E402
 from fishmerge.pipeline.baselines import directions  # noqa: E402
 from fishmerge.pipeline.metrics import BUILTIN  # noqa: E402
+from fishmerge.pipeline.search import searches_lambda, varied_params  # noqa: E402
 
 
 def kinds_of(results: dict[str, dict[str, float]]) -> list[str]:
@@ -22,16 +23,9 @@ def kinds_of(results: dict[str, dict[str, float]]) -> list[str]:
     return [k for k in results if results.get(k)]
 
 
-def varied_params(search: dict) -> list[str]:
-    """The method parameters that differ between a search's candidates (task arithmetic's scale, ...)."""
-    cands = search["candidates"]
-    names = list(cands[0].get("params", {})) if cands else []
-    return [n for n in names if len({repr(c.get("params", {}).get(n)) for c in cands}) > 1]
-
-
-def searches_lambda(search: dict) -> bool:
-    """Whether a search's candidates differ in λ (else only in the method's parameters)."""
-    return len({tuple(c["weights"]) for c in search["candidates"]}) > 1
+def higher_is_better(name: str, higher: dict[str, bool] | None) -> bool:
+    """A metric's direction: the config's (`higher`: {metric name: higher is better}), else the built-in's."""
+    return (higher or {}).get(name, BUILTIN[name].higher_is_better if name in BUILTIN else True)
 
 
 def plot_lambda_curve(searches: dict[str, dict], model_names: list[str], path: Path) -> Path:
@@ -103,8 +97,7 @@ def results_table(
     labels = [f"merged ({method})" if k == "merged" and method else k for k in kinds]
     lines = ["| task/metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(kinds)]
     for key in keys:
-        name = key.rsplit("/", 1)[-1]
-        up = higher.get(name, BUILTIN[name].higher_is_better if name in BUILTIN else True)
+        up = higher_is_better(key.rsplit("/", 1)[-1], higher)
         values = [results[k][key] for k in kinds if key in results[k]]
         best = (max if up else min)(values)
         cells = [
@@ -155,7 +148,7 @@ def methods_table(
     if not results.get("merged"):
         return ""
     metric = next(iter(higher)) if higher else sorted(results["merged"])[0].rsplit("/", 1)[-1]
-    up = (higher or {}).get(metric, BUILTIN[metric].higher_is_better if metric in BUILTIN else True)
+    up = higher_is_better(metric, higher)
     keys = [k for k in results["merged"] if k.rsplit("/", 1)[-1] == metric]
     mean = {k: float(np.mean([results[k][x] for x in keys if x in results[k]])) for k in kinds_of(results)}
     lines = [

@@ -241,6 +241,13 @@ class Scorer:
             return lm_metrics(ensemble_logprobs(outputs, weights), builtin)
         return classification_metrics(ensemble_probabilities(outputs, weights), self.tasks[target].labels, builtin)
 
+    def for_plan(self, plan: MergePlan) -> Scorer:
+        """The same targets' models and rows, scoring the merges of another plan (shared, not copied:
+        for one caller at a time)."""
+        other = copy.copy(self)
+        other.plan = plan
+        return other
+
     def copy(self) -> Scorer:
         other = copy.copy(self)
         other.models = {k: copy.deepcopy(v) for k, v in self.models.items()}
@@ -263,6 +270,18 @@ def score_candidate(
         "score": float(np.mean(list(per_task.values()))),
         "per_task": per_task,
     }
+
+
+def varied_params(search: dict) -> list[str]:
+    """The method parameters that differ between a search's candidates (task arithmetic's scale, ...)."""
+    cands = search["candidates"]
+    names = list(cands[0].get("params", {})) if cands else []
+    return [n for n in names if len({repr(c.get("params", {}).get(n)) for c in cands}) > 1]
+
+
+def searches_lambda(search: dict) -> bool:
+    """Whether a search's candidates differ in λ (else only in the method's parameters)."""
+    return len({tuple(c["weights"]) for c in search["candidates"]}) > 1
 
 
 def search(

@@ -15,7 +15,7 @@ from fishmerge.fisher.statistics import FISHER
 from fishmerge.merge.config import MergeConfig
 from fishmerge.merge.plan import MergePlan
 from fishmerge.pipeline.baselines import DEFAULT_METRICS, directions, task_kinds
-from fishmerge.pipeline.report import varied_params
+from fishmerge.pipeline.search import varied_params
 
 
 def registered_name(cfg: MergeConfig, target: str) -> str:
