@@ -14,6 +14,7 @@ from fishmerge.pipeline.evaluation import (
     classification_metrics,
     ensemble_probabilities,
     label_ids,
+    length_batches,
     load_eval_rows,
     macro_f1,
     perplexity,
@@ -112,6 +113,22 @@ def test_class_probabilities_vs_unpadded_loop(models, fields) -> None:
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-6)
     assert np.ptp(got[:, 0]) > 1e-3  # rows really differ: the check is not vacuous
+
+
+def test_length_batches_group_rows_of_similar_length() -> None:
+    lengths = [40, 3, 17, 64, 16, 5, 33, 3, 70]
+    cpu = length_batches(lengths, 4, 64, torch.device("cpu"))
+    assert sorted(i for idx, _ in cpu for i in idx) == list(range(len(lengths)))  # every row once
+    assert [idx for idx, _ in cpu] == [[1, 7, 5, 4], [2, 6, 0, 3], [8]]  # by length, ties in row order
+    # CPU: the batch's longest row rounded up to 16, capped at max_length unless a row is longer
+    assert [w for _, w in cpu] == [16, 64, 70]
+    assert [w for _, w in length_batches([1, 2], 8, 64, torch.device("cpu"))] == [16]
+    assert [w for _, w in length_batches([17], 8, 20, torch.device("cpu"))] == [20]
+    assert [w for _, w in length_batches(lengths, 4, 64, torch.device("meta"))] == [16, 64, 70]  # longest
+    assert [w for _, w in length_batches([0, 0], 4, 64, torch.device("meta"))] == [1]
+    assert length_batches([], 4, 64, torch.device("cpu")) == []
+    with pytest.raises(FishmergeError, match="batch size must be positive"):
+        length_batches(lengths, 0, 64, torch.device("cpu"))
 
 
 def oracle_perplexity(model, tok, texts, max_length) -> float:

@@ -267,6 +267,15 @@ def lm_token_ids(
     return (prompt + response)[:max_length], len(prompt)
 
 
+def lm_pad_id(tokenizer) -> int:
+    """The id a causal LM's rows are padded with: the pad token, else EOS (set as the pad token)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise FishmergeError("the tokenizer has neither a pad nor an eos token: save it with a pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return int(tokenizer.pad_token_id)
+
+
 def encode_lm(
     columns: dict[str, list],
     tokenizer,
@@ -278,20 +287,25 @@ def encode_lm(
 ) -> Encoded:
     """Causal-LM rows right-padded to the longest (or to max_length), truncated to max_length; `labels` are
     the input ids where a token counts (prediction target) and −100 elsewhere (prompt, padding)."""
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise FishmergeError("the tokenizer has neither a pad nor an eos token: save it with a pad_token")
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = lm_pad_id(tokenizer)
     n = len(example_ids)
     rows = [{f: columns[f][i] for f in columns} for i in range(n)]
     seqs = [lm_token_ids(tokenizer, r, text_fields, messages_field, max_length) for r in rows]
     width = max_length if pad_to_max else max([len(ids) for ids, _ in seqs] + [1])
-    input_ids = torch.full((n, width), int(tokenizer.pad_token_id), dtype=torch.long)
+    enc = pad_lm(seqs, width, pad_id, example_ids)
+    check_unknown_rate(tokenizer, enc.input_ids, enc.attention_mask)
+    return enc
+
+
+def pad_lm(seqs: Sequence[tuple[list[int], int]], width: int, pad_id: int, example_ids: Sequence[int]) -> Encoded:
+    """Rows of (token ids, first counted token) from `lm_token_ids`, right-padded to `width` with their
+    attention mask and labels (the ids where a token counts, −100 elsewhere)."""
+    n = len(seqs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention = torch.zeros((n, width), dtype=torch.long)
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     for i, (ids, start) in enumerate(seqs):
         input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention[i, : len(ids)] = 1
         labels[i, start : len(ids)] = torch.tensor(ids[start:], dtype=torch.long)
-    check_unknown_rate(tokenizer, input_ids, attention)
     return Encoded(input_ids=input_ids, attention_mask=attention, labels=labels, example_ids=list(example_ids))

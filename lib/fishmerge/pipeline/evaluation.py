@@ -1,9 +1,11 @@
 """Evaluation of merged and input models: class probabilities and classification metrics; causal LMs' token
 log-likelihoods, NLL and perplexity; output ensembles of both.
 
-Batched, in eval mode under `torch.inference_mode`, on CPU or GPU. On CPU every batch is padded to
-the fixed `max_length` (dynamic shapes make CPU kernels re-plan and cost seconds per step); on GPU
-to the batch's longest row. Metrics are plain numpy so they can be checked against scikit-learn.
+Batched, in eval mode under `torch.inference_mode`, on CPU or GPU. Rows are tokenized once, ordered by
+length and batched with rows of similar length (`length_batches`); results come back in the rows' order.
+On CPU a batch is padded up to a multiple of `PAD_MULTIPLE` tokens (at most `max_length`): a few fixed
+shapes (a new shape makes CPU kernels re-plan) and little compute spent on padding; on GPU to the batch's
+longest row. Metrics are plain numpy so they can be checked against scikit-learn.
 """
 
 from __future__ import annotations
@@ -64,27 +66,41 @@ def _texts(rows: Sequence[dict], text_fields: Sequence[str]) -> list[list[str]]:
     return [["" if r[f] is None else str(r[f]) for r in rows] for f in text_fields]
 
 
-def _tokenize(tokenizer, texts: list[list[str]], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded batch: to max_length on CPU (fixed shapes), to the longest row on GPU."""
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise FishmergeError("the tokenizer has neither a pad nor an eos token: save it with a pad_token")
-        tokenizer.pad_token = tokenizer.eos_token
-    padding = "max_length" if device.type == "cpu" else "longest"
-    enc = tokenizer(
-        *texts, truncation=True, max_length=max_length, padding=padding, padding_side="right", return_tensors="pt"
-    )
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+# On CPU a batch is padded to a multiple of this many tokens: few distinct shapes, little padding.
+PAD_MULTIPLE = 16
 
 
-def _batched(n: int, batch_size: int, progress: bool, desc: str):
+def length_batches(
+    lengths: Sequence[int], batch_size: int, max_length: int, device: torch.device
+) -> list[tuple[list[int], int]]:
+    """(row indices, padded width) of each batch: rows in order of length (stable), so a batch holds rows
+    of similar length; the width is the batch's longest row, rounded up to `PAD_MULTIPLE` (at most
+    `max_length`) on CPU."""
     if batch_size <= 0:
         raise FishmergeError(f"batch size must be positive, got {batch_size}")
-    with tqdm(total=n, disable=not progress, desc=desc, unit="ex") as bar:
-        for s in range(0, n, batch_size):
-            e = min(n, s + batch_size)
-            yield s, e
-            bar.update(e - s)
+    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
+    out = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        longest = max(1, max(int(lengths[i]) for i in idx))
+        if device.type == "cpu":
+            longest = max(longest, min(max_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE))
+        out.append((idx, longest))
+    return out
+
+
+def _progress(batches: list[tuple[list[int], int]], progress: bool, desc: str):
+    with tqdm(total=sum(len(i) for i, _ in batches), disable=not progress, desc=desc, unit="ex") as bar:
+        for idx, width in batches:
+            yield idx, width
+            bar.update(len(idx))
+
+
+def _pad_rows(values: list[list[int]], width: int, pad: int, device: torch.device) -> torch.Tensor:
+    out = torch.full((len(values), width), pad, dtype=torch.long)
+    for i, v in enumerate(values):
+        out[i, : len(v)] = torch.tensor(v, dtype=torch.long)
+    return out.to(device)
 
 
 def class_probabilities(
@@ -103,20 +119,30 @@ def class_probabilities(
     """
     dev = _device(device)
     texts = _texts(rows, text_fields)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise FishmergeError("the tokenizer has neither a pad nor an eos token: save it with a pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(*texts, truncation=True, max_length=max_length) if rows else {"input_ids": []}
+    pads = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": tokenizer.pad_token_type_id}
+    fields = [k for k in pads if k in enc]
     model.to(dev).eval()
-    out = []
+    out: np.ndarray | None = None
+    batches = length_batches([len(x) for x in enc["input_ids"]], batch_size, max_length, dev)
     with torch.inference_mode():
-        for s, e in _batched(len(rows), batch_size, progress, "evaluate"):
-            batch = _tokenize(tokenizer, [t[s:e] for t in texts], max_length, dev)
+        for idx, width in _progress(batches, progress, "evaluate"):
+            batch = {k: _pad_rows([enc[k][i] for i in idx], width, pads[k], dev) for k in fields}
             logits = model(**batch).logits
             if logits.dim() != 2:
                 raise FishmergeError(
                     f"expected (batch, classes) logits from a *ForSequenceClassification model, got shape {tuple(logits.shape)}"
                 )
-            out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
-    if not out:
-        return np.zeros((0, int(getattr(model.config, "num_labels", 0))), dtype=np.float32)
-    return np.concatenate(out).astype(np.float64)
+            if out is None:
+                out = np.zeros((len(rows), logits.shape[-1]))
+            out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    if out is None:
+        return np.zeros((0, int(getattr(model.config, "num_labels", 0))), dtype=np.float64)
+    return out
 
 
 def _check_pair(labels, preds) -> tuple[np.ndarray, np.ndarray]:
@@ -199,34 +225,37 @@ def lm_token_logprobs(
     chat; only response tokens count for the last two), truncated to `max_length`; token t+1 is
     predicted from tokens ≤ t. Log-softmax in fp32. The same rows give the same positions for every
     model with this tokenizer, so arrays of several models line up (output ensembling)."""
-    from fishmerge.io.data import encode_lm
+    from fishmerge.io.data import check_unknown_rate, lm_pad_id, lm_token_ids, pad_lm
 
     dev = _device(device)
     fields = [messages_field] if messages_field else list(text_fields)
     if rows:
         check_columns(list(rows[0]), fields, "text")
+    pad_id = lm_pad_id(tokenizer)
+    seqs = [lm_token_ids(tokenizer, r, text_fields, messages_field, max_length) for r in rows]
     model.to(dev).eval()
-    out = []
+    per_row: list[np.ndarray] = [np.zeros(0)] * len(rows)
+    batches = length_batches([len(ids) for ids, _ in seqs], batch_size, max_length, dev)
     with torch.inference_mode():
-        for s, e in _batched(len(rows), batch_size, progress, "nll"):
-            columns = {f: [r[f] for r in rows[s:e]] for f in fields}
-            enc = encode_lm(
-                columns, tokenizer, text_fields, messages_field, max_length, range(s, e), pad_to_max=dev.type == "cpu"
-            )
+        for idx, width in _progress(batches, progress, "nll"):
+            enc = pad_lm([seqs[i] for i in idx], width, pad_id, idx)
+            check_unknown_rate(tokenizer, enc.input_ids, enc.attention_mask)
             ids, mask = enc.input_ids.to(dev), enc.attention_mask.to(dev)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             keep = enc.labels[:, 1:].to(dev) != -100
             bad = ~torch.isfinite(logits).all(-1) & keep
             if bool(bad.any()):
-                rows_bad = sorted({s + int(i) for i in torch.nonzero(bad)[:, 0].tolist()})
+                rows_bad = sorted({idx[int(i)] for i in torch.nonzero(bad)[:, 0].tolist()})
                 raise FishmergeError(
                     f"the model gives NaN/Inf logits on row(s) {rows_bad[:10]}: its weights or dtype overflow "
                     "(try dtype float32); a model with non-finite outputs is never scored"
                 )
             # log p(token) = logit − logsumexp: no second (B, T, V) tensor for a log-softmax
-            logp = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-            out.append(logp[keep].double().cpu().numpy())
-    values = np.concatenate(out) if out else np.zeros(0)
+            logp = (logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)).double().cpu()
+            keep = keep.cpu()
+            for j, i in enumerate(idx):
+                per_row[i] = logp[j][keep[j]].numpy()
+    values = np.concatenate(per_row) if per_row else np.zeros(0)
     if values.size == 0:
         raise FishmergeError(
             "no token to predict: every text (or response) is empty or a single token after tokenization"
