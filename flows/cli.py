@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = command("inspect", "print a Fisher store's attributes and per-tensor statistics")
     i.add_argument("store", help="a Fisher store (local path or s3:// URI)")
+    fp = command("fingerprint", "print a model's fingerprint, the `model_fingerprint` a Fisher store of it records")
+    fp.add_argument("model", help="local Hugging Face model directory (safetensors)")
     return parser
 
 
@@ -317,6 +319,12 @@ def _cmd_history(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _cmd_fingerprint(args: argparse.Namespace) -> str:
+    from fishmerge.io.checkpoint import model_fingerprint
+
+    return model_fingerprint(args.model)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> str:
     from fishmerge.fisher.report import inspect_store
 
@@ -341,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "fisher": _cmd_fisher,
             "inspect": _cmd_inspect,
+            "fingerprint": _cmd_fingerprint,
             "plan": _cmd_plan,
             "merge": _cmd_merge,
             "run": _cmd_run,

@@ -67,6 +67,9 @@ class ModelConfig(Strict):
     weight: float = 1.0
     fisher: str | None = None
     data: DataConfig | None = None
+    # Accept a `fisher:` store that records no model_fingerprint (written by another tool). Off by default:
+    # with it nothing checks that the store was computed for this model.
+    fisher_without_fingerprint: bool = False
 
     @field_validator("weight")
     @classmethod

@@ -173,8 +173,9 @@ def _open_base(path: str, problems: list[str]) -> ModelInput | None:
     return ModelInput("base", path, 0.0, fp, arch, cfg.get("model_type", "?"), refs)
 
 
-def _open_store(m: ModelInput, problems: list[str]) -> zarr.Group | None:
-    """The model's store, if it is a store of this very model: its id, statistics and Gram map recorded."""
+def _open_store(m: ModelInput, unfingerprinted_ok: bool, problems: list[str], notes: list[str]) -> zarr.Group | None:
+    """The model's store, if it is a store of this very model: its id, statistics and Gram map recorded.
+    A store that records no model fingerprint is refused unless `unfingerprinted_ok` (then noted as unverified)."""
     try:
         group = open_fisher_store(m.fisher)
     except FishmergeError as exc:
@@ -185,7 +186,21 @@ def _open_store(m: ModelInput, problems: list[str]) -> zarr.Group | None:
         attrs.get("fisher_id")
         or hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()[:24]
     )
-    if attrs.get("model_fingerprint") != m.fingerprint:
+    if not attrs.get("model_fingerprint"):
+        if not unfingerprinted_ok:
+            problems.append(
+                f"model '{m.name}': the Fisher store '{m.fisher}' records no model_fingerprint, so nothing shows it was "
+                f"computed for this model: add the attribute `model_fingerprint: {m.fingerprint}` (`fishmerge "
+                "fingerprint MODEL_DIR` prints it; the README gives the recipe), or accept the risk with "
+                "`fisher_without_fingerprint: true` on this model"
+            )
+            return None
+        notes.append(
+            f"UNVERIFIED: model '{m.name}' uses the store '{m.fisher}', which records no model fingerprint "
+            "(fisher_without_fingerprint: true): nothing checks that it was computed for this model; a Fisher of "
+            "another model with the same tensor names and shapes would merge silently into wrong weights"
+        )
+    elif attrs.get("model_fingerprint") != m.fingerprint:
         problems.append(
             f"model '{m.name}': the Fisher store '{m.fisher}' was computed for another model "
             f"(fingerprint {str(attrs.get('model_fingerprint'))[:19]}…, this model is {m.fingerprint[:19]}…): "
@@ -359,7 +374,7 @@ def build_plan(
                     f"the {'/'.join(m.statistics)} statistics of '{m.name}' will be estimated from its data first"
                 )
                 continue
-            groups[m.name] = _open_store(m, problems)
+            groups[m.name] = _open_store(m, mc.fisher_without_fingerprint, problems, notes)
         available = [s for s in STATISTICS if all(s in m.statistics for m in models)]
         params = method.resolve_params(params, available)
         needed = method.statistics(params)
