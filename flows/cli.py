@@ -77,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=helptext, description=helptext, formatter_class=_HelpFormatter)
 
     f = command("fisher", "estimate the diagonal Fisher of a model on a dataset into a Zarr store")
-    f.add_argument("--model", required=True, help="local Hugging Face model directory (safetensors + tokenizer)")
+    f.add_argument(
+        "--model",
+        required=True,
+        help="local Hugging Face model directory (safetensors + tokenizer), a hub id in the local HF cache "
+        "(org/name), or models:/Name@alias",
+    )
+    f.add_argument("--tracking-uri", help="MLflow registry of a models:/ --model (env MLFLOW_TRACKING_URI wins)")
     f.add_argument("--data", required=True, help="datasets.save_to_disk folder, or a .csv/.json/.jsonl/.parquet file")
     f.add_argument("--split", default="train", help="split of a save_to_disk DatasetDict")
     f.add_argument(
@@ -138,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = command("inspect", "print a Fisher store's attributes and per-tensor statistics")
     i.add_argument("store", help="a Fisher store (local path or s3:// URI)")
     fp = command("fingerprint", "print a model's fingerprint, the `model_fingerprint` a Fisher store of it records")
-    fp.add_argument("model", help="local Hugging Face model directory (safetensors)")
+    fp.add_argument(
+        "model", help="local Hugging Face model directory (safetensors), hub id (local HF cache) or models:/"
+    )
     return parser
 
 
@@ -148,11 +156,12 @@ def _cmd_fisher(args: argparse.Namespace) -> str:
     from fishmerge.fisher.job import DEFAULT_STORE_ROOT, FisherSpec, existing_store, resolve
     from fishmerge.fisher.options import FisherOptions
     from fishmerge.io import storage
+    from fishmerge.io.model_ref import resolve_model_ref
 
     if args.shards < 1 or args.workers < 1:
         raise FishmergeError(f"--shards and --workers must be ≥ 1, got {args.shards} and {args.workers}")
     spec = FisherSpec(
-        model=args.model,
+        model=resolve_model_ref(args.model, tracking_uri=args.tracking_uri),
         data=args.data,
         split=args.split,
         text_fields=args.text_fields,
@@ -223,19 +232,19 @@ def _preflight(cfg, **options):
 
 
 def _cmd_plan(args: argparse.Namespace) -> str:
-    from fishmerge.merge.config import load_merge_config
+    from fishmerge.merge.config import load_merge_config, resolve_model_refs
     from fishmerge.merge.plan import format_plan
 
-    cfg = load_merge_config(args.config)
+    cfg = resolve_model_refs(load_merge_config(args.config))
     plan = _preflight(cfg, shard_size=args.shard_size, threads=args.threads, overwrite=args.overwrite)
     return format_plan(plan)
 
 
 def _cmd_merge(args: argparse.Namespace) -> str:
-    from fishmerge.merge.config import load_merge_config
+    from fishmerge.merge.config import load_merge_config, resolve_model_refs
     from fishmerge.merge.plan import format_plan
 
-    cfg = load_merge_config(args.config)
+    cfg = resolve_model_refs(load_merge_config(args.config))
     plan = _preflight(cfg, shard_size=args.shard_size, threads=args.threads, overwrite=args.overwrite)
     print(format_plan(plan), file=sys.stderr)
     from fishmerge.flows.merge import run_merge
@@ -263,14 +272,16 @@ def _cmd_merge(args: argparse.Namespace) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> str:
-    from fishmerge.merge.config import load_merge_config
+    from fishmerge.io.model_ref import REGISTRY_PREFIX
+    from fishmerge.merge.config import load_merge_config, resolve_model_refs
 
     cfg = load_merge_config(args.config)  # config errors before any flow machinery starts
     from fishmerge import registry
 
     registry.tracking_uri(cfg.mlflow.tracking_uri)  # a malformed URI fails here
-    if not any(m.path.startswith("models:/") for m in cfg.models):  # registry inputs are resolved by the flow
-        _preflight(cfg, overwrite=True)  # the pipeline replaces its own earlier output
+    refs = [m.path for m in cfg.models] + [cfg.base or ""]
+    if not any(r.startswith(REGISTRY_PREFIX) for r in refs):  # registry inputs are resolved by the flow
+        _preflight(resolve_model_refs(cfg), overwrite=True)  # the pipeline replaces its own earlier output
     from fishmerge.flows.pipeline import run_pipeline
 
     out = run_pipeline(args.config, progress=not args.no_progress)
@@ -321,8 +332,9 @@ def _cmd_history(args: argparse.Namespace) -> str:
 
 def _cmd_fingerprint(args: argparse.Namespace) -> str:
     from fishmerge.io.checkpoint import model_fingerprint
+    from fishmerge.io.model_ref import resolve_model_ref
 
-    return model_fingerprint(args.model)
+    return model_fingerprint(resolve_model_ref(args.model))
 
 
 def _cmd_inspect(args: argparse.Namespace) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from fishmerge.errors import FishmergeError
 from fishmerge.fisher.job import DEFAULT_STORE_ROOT
 from fishmerge.flows.estimate_fisher import estimate_fisher
-from fishmerge.merge.config import MergeConfig, fisher_specs, load_merge_config
+from fishmerge.merge.config import MergeConfig, fisher_specs, load_merge_config, resolve_model_refs
 from fishmerge.merge.plan import MergePlan, format_plan
 from fishmerge.tasks import fails_on_bad_input
 from fishmerge.tasks.merge import merge_execute, merge_fisher_existing, merge_plan, merge_report
@@ -57,7 +57,7 @@ def merge_models(
 ) -> dict:
     """Merge the models of a merge config (a YAML path); returns the output folders and timings (bad
     input: a Failed state with its message)."""
-    cfg = load_merge_config(config)
+    cfg = resolve_model_refs(load_merge_config(config))
     options = {
         "overwrite": overwrite,
         "shard_size": shard_size,

@@ -28,9 +28,8 @@ def pipeline_prepare(config: str, run_root: str = "./.fishmerge/runs") -> dict:
     from fishmerge import registry
     from fishmerge.errors import FishmergeError
     from fishmerge.io import storage
-    from fishmerge.merge.config import load_merge_config
+    from fishmerge.merge.config import load_merge_config, resolve_model_refs
     from fishmerge.pipeline.baselines import check_scorers, check_task_data, settle_metrics
-    from fishmerge.registry.registration import resolve_model_uri
 
     text = Path(config).read_text() if Path(config).is_file() else ""
     cfg = load_merge_config(config)
@@ -41,9 +40,7 @@ def pipeline_prepare(config: str, run_root: str = "./.fishmerge/runs") -> dict:
     registry.check_reachable(uri)
     registry.use_experiment(cfg.mlflow.experiment or cfg.name, uri)
     root = Path(storage.normalize(run_root))
-    for m in cfg.models:
-        if m.path.startswith("models:/"):
-            m.path = resolve_model_uri(m.path, root / "registry")
+    resolve_model_refs(cfg, root / "registry")  # hub ids and models:/ URIs as local folders
     if cfg.search or cfg.evaluate:  # metrics by the targets' kind, their data and scorers: checked before any work
         settle_metrics(cfg)
         check_task_data(cfg)

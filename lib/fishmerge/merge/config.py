@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, field_vali
 from fishmerge.errors import FishmergeError
 from fishmerge.fisher.options import FisherOptions
 from fishmerge.fisher.statistics import STATISTICS
+from fishmerge.io.model_ref import DEFAULT_REGISTRY_ROOT, REGISTRY_PREFIX, is_hub_id, resolve_model_ref
 from fishmerge.merge.methods import METHODS, get_method, params_in_section
 from fishmerge.merge.methods.base import own_fields
 from fishmerge.pipeline.metrics import check_metric_name
@@ -405,17 +406,33 @@ def load_merge_config(path: str | Path) -> MergeConfig:
 
 def _resolve_paths(cfg: MergeConfig, root: Path) -> MergeConfig:
     def fix(value: str | None) -> str | None:
-        if value is None or "://" in value or value.startswith("models:/") or Path(value).is_absolute():
+        if value is None or "://" in value or value.startswith(REGISTRY_PREFIX) or Path(value).is_absolute():
             return value
         return str((root / value).resolve())
 
-    cfg.base = fix(cfg.base)
+    def fix_model(value: str | None) -> str | None:
+        """A model: a folder relative to the config when one is there, else a hub id stays one."""
+        if value is not None and is_hub_id(value) and not (root / value).exists():
+            return value
+        return fix(value)
+
+    cfg.base = fix_model(cfg.base)
     cfg.output = fix(cfg.output)
     cfg.fisher.store_root = fix(cfg.fisher.store_root)
     for m in cfg.models:
-        m.path, m.fisher = fix(m.path), fix(m.fisher)
+        m.path, m.fisher = fix_model(m.path), fix(m.fisher)
         if m.data:
             m.data.path = fix(m.data.path)
+    return cfg
+
+
+def resolve_model_refs(cfg: MergeConfig, registry_root: str | Path = DEFAULT_REGISTRY_ROOT) -> MergeConfig:
+    """Every model (and the base) as a local folder, in place: hub ids from the local Hugging Face cache,
+    `models:/Name@alias` from the config's registry (`mlflow.tracking_uri`), folders as they are."""
+    uri = cfg.mlflow.tracking_uri
+    cfg.base = resolve_model_ref(cfg.base, registry_root, uri) if cfg.base else cfg.base
+    for m in cfg.models:
+        m.path = resolve_model_ref(m.path, registry_root, uri)
     return cfg
 
 
