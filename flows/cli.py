@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = command("inspect", "print a Fisher store's attributes and per-tensor statistics")
     i.add_argument("store", help="a Fisher store (local path or s3:// URI)")
+    sv = command("server", "start, stop or show the Prefect server shared by fishmerge commands on this machine")
+    sv.add_argument("action", choices=["start", "stop", "status"], help="what to do")
+    sv.add_argument("--port", type=int, help="port of a server to start (default: a free one)")
     fp = command("fingerprint", "print a model's fingerprint, the `model_fingerprint` a Fisher store of it records")
     fp.add_argument(
         "model", help="local Hugging Face model directory (safetensors), hub id (local HF cache) or models:/"
@@ -330,6 +333,24 @@ def _cmd_history(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _cmd_server(args: argparse.Namespace) -> str:
+    from fishmerge.flows import server
+
+    if args.action == "start":
+        s = server.start(args.port)
+        how = "started" if s["started"] else "already running"
+        return f"{s['url']} ({how}, pid {s['pid']}; commands without PREFECT_API_URL report to it; log {s['log']})"
+    if args.action == "stop":
+        s = server.stop()
+        if s is None:
+            return "no shared Prefect server was recorded"
+        if not s["stopped"]:
+            return f"the recorded server at {s['url']} no longer runs: its record is removed"
+        return f"stopped the shared Prefect server at {s['url']}"
+    s = server.running()
+    return f"{s['url']} (pid {s['pid']})" if s else f"no shared Prefect server running ({server.state_path()})"
+
+
 def _cmd_fingerprint(args: argparse.Namespace) -> str:
     from fishmerge.io.checkpoint import model_fingerprint
     from fishmerge.io.model_ref import resolve_model_ref
@@ -358,16 +379,26 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # slow, busy machines
     args = build_parser().parse_args(argv)
     try:
-        result = {
+        handler = {
             "fisher": _cmd_fisher,
             "inspect": _cmd_inspect,
             "fingerprint": _cmd_fingerprint,
+            "server": _cmd_server,
             "plan": _cmd_plan,
             "merge": _cmd_merge,
             "run": _cmd_run,
             "promote": _cmd_promote,
             "history": _cmd_history,
-        }[args.command](args)
+        }[args.command]
+        if handler in (_cmd_fisher, _cmd_merge, _cmd_run):  # they run flows: no temporary server when one is shared
+            from fishmerge.flows.server import use_shared_server
+
+            url = use_shared_server()
+            if url:
+                print(
+                    f"prefect: reporting to the shared server at {url} (fishmerge server stop ends it)", file=sys.stderr
+                )
+        result = handler(args)
     except FishmergeError as exc:
         print(f"fishmerge: error: {exc}", file=sys.stderr)
         return 2
