@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from fishmerge.errors import FishmergeError
+from fishmerge.io.data import length_batches
 from fishmerge.pipeline.evaluation import (
     accuracy,
     class_probabilities,
     classification_metrics,
     ensemble_probabilities,
     label_ids,
-    length_batches,
     load_eval_rows,
     macro_f1,
     perplexity,

@@ -66,6 +66,29 @@ def check_columns(columns: Sequence[str], wanted: Sequence[str], what: str) -> N
         raise FishmergeError(f"{what} column(s) {missing} not in the data: it has {', '.join(columns)}")
 
 
+# On CPU a batch is padded to a multiple of this many tokens: few distinct shapes, little padding.
+PAD_MULTIPLE = 16
+
+
+def length_batches(
+    lengths: Sequence[int], batch_size: int, max_length: int, device: torch.device
+) -> list[tuple[list[int], int]]:
+    """(row indices, padded width) of each batch: rows in order of length (stable), so a batch holds rows
+    of similar length; the width is the batch's longest row, rounded up to `PAD_MULTIPLE` (at most
+    `max_length`) on CPU."""
+    if batch_size <= 0:
+        raise FishmergeError(f"batch size must be positive, got {batch_size}")
+    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
+    out = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        longest = max(1, max(int(lengths[i]) for i in idx))
+        if device.type == "cpu":
+            longest = max(longest, min(max_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE))
+        out.append((idx, longest))
+    return out
+
+
 @dataclass
 class Encoded:
     """Tokenized selected examples, padded to one width (fixed shapes: no CPU re-planning)."""
@@ -80,15 +103,19 @@ class Encoded:
         return len(self.example_ids)
 
     def batches(self, batch_size: int, device: torch.device | str = "cpu") -> Iterator[tuple[dict, list[int]]]:
-        """(model inputs on device, dataset row ids) per batch, in selection order."""
-        for s in range(0, len(self), batch_size):
-            sl = slice(s, s + batch_size)
-            batch = {"input_ids": self.input_ids[sl], "attention_mask": self.attention_mask[sl]}
+        """(model inputs on device, dataset row ids) per batch: rows of similar length together
+        (`length_batches`), each batch cut to its own width, so no batch computes over the padding the
+        longest row of the whole selection needs. Rows are right-padded, so the mask's sum is a row's length."""
+        lengths = self.attention_mask.sum(1).tolist()
+        for idx, width in length_batches(lengths, batch_size, int(self.input_ids.shape[1]), torch.device(device)):
+            rows = torch.tensor(idx, dtype=torch.long)
+            batch = {"input_ids": self.input_ids[rows, :width], "attention_mask": self.attention_mask[rows, :width]}
             if self.token_type_ids is not None:
-                batch["token_type_ids"] = self.token_type_ids[sl]
+                batch["token_type_ids"] = self.token_type_ids[rows, :width]
             if self.labels is not None:
-                batch["labels"] = self.labels[sl]
-            yield {k: v.to(device) for k, v in batch.items()}, self.example_ids[sl]
+                per_token = self.labels.shape == self.input_ids.shape  # LM / token labels follow the cut
+                batch["labels"] = self.labels[rows, :width] if per_token else self.labels[rows]
+            yield {k: v.to(device) for k, v in batch.items()}, [self.example_ids[i] for i in idx]
 
 
 def label_values(raw: list, label2id: dict | None, regression: bool) -> torch.Tensor:

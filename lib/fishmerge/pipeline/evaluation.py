@@ -3,7 +3,7 @@ log-likelihoods, NLL and perplexity; output ensembles of both.
 
 Batched, in eval mode under `torch.inference_mode`, on CPU or GPU. Rows are tokenized once, ordered by
 length and batched with rows of similar length (`length_batches`); results come back in the rows' order.
-On CPU a batch is padded up to a multiple of `PAD_MULTIPLE` tokens (at most `max_length`): a few fixed
+On CPU a batch is padded up to a multiple of `fishmerge.io.data.PAD_MULTIPLE` tokens (at most `max_length`): a few fixed
 shapes (a new shape makes CPU kernels re-plan) and little compute spent on padding; on GPU to the batch's
 longest row. Metrics are plain numpy so they can be checked against scikit-learn.
 """
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from fishmerge.errors import FishmergeError
 from fishmerge.io.checkpoint import resolve_device
-from fishmerge.io.data import check_columns, label_values, load_split
+from fishmerge.io.data import check_columns, label_values, length_batches, load_split
 
 
 def load_eval_rows(
@@ -64,29 +64,6 @@ def _texts(rows: Sequence[dict], text_fields: Sequence[str]) -> list[list[str]]:
     if rows:
         check_columns(list(rows[0]), list(text_fields), "text")
     return [["" if r[f] is None else str(r[f]) for r in rows] for f in text_fields]
-
-
-# On CPU a batch is padded to a multiple of this many tokens: few distinct shapes, little padding.
-PAD_MULTIPLE = 16
-
-
-def length_batches(
-    lengths: Sequence[int], batch_size: int, max_length: int, device: torch.device
-) -> list[tuple[list[int], int]]:
-    """(row indices, padded width) of each batch: rows in order of length (stable), so a batch holds rows
-    of similar length; the width is the batch's longest row, rounded up to `PAD_MULTIPLE` (at most
-    `max_length`) on CPU."""
-    if batch_size <= 0:
-        raise FishmergeError(f"batch size must be positive, got {batch_size}")
-    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
-    out = []
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        longest = max(1, max(int(lengths[i]) for i in idx))
-        if device.type == "cpu":
-            longest = max(longest, min(max_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE))
-        out.append((idx, longest))
-    return out
 
 
 def _progress(batches: list[tuple[list[int], int]], progress: bool, desc: str):
