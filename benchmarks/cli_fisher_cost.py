@@ -41,14 +41,15 @@ ESTIMATORS = ("empirical", "sampled", "exact")
 
 def build_inputs(n: int) -> tuple[Path, Path]:
     """The model folder (BERT-like + word-level tokenizer) and a CSV of n labelled snippets (cached)."""
-    model_dir, data = BENCH / "model", BENCH / f"data-{n}.csv"
+    inputs = BENCH / "inputs"  # only this folder is rebuilt: BENCH also holds the shared server's record
+    model_dir, data = inputs / "model", inputs / f"data-{n}.csv"
     if model_dir.exists() and data.exists():
         return model_dir, data
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
-    shutil.rmtree(BENCH, ignore_errors=True)
-    BENCH.mkdir(parents=True)
+    shutil.rmtree(inputs, ignore_errors=True)
+    inputs.mkdir(parents=True)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from smollm2_fisher import snippets  # the same Rotten Tomatoes reader (seeded order)
 

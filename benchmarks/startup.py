@@ -36,21 +36,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / ".fishmerge" / "bench" / "startup"
 BIN = ROOT / ".venv" / "bin"
-MERGEKIT = Path("/work/.mergekit-venv/bin/mergekit-yaml")
+MERGEKIT = Path(os.environ.get("MERGEKIT_YAML", "/work/.mergekit-venv/bin/mergekit-yaml"))
 WORDS = [f"w{i}" for i in range(990)]
 
 
 def build_inputs() -> dict[str, Path]:
     """Three ~10 MB Llama checkpoints with tokenizers, a 16-row CSV, the configs (cached)."""
-    marker = BENCH / "inputs.json"
+    inputs = BENCH / "inputs"  # only this folder is rebuilt: BENCH also holds the shared server's record
+    marker = inputs / "inputs.json"
     if marker.exists():
         return {k: Path(v) for k, v in json.loads(marker.read_text()).items()}
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    shutil.rmtree(BENCH, ignore_errors=True)
-    BENCH.mkdir(parents=True)
+    shutil.rmtree(inputs, ignore_errors=True)
+    inputs.mkdir(parents=True)
     vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -70,23 +71,23 @@ def build_inputs() -> dict[str, Path]:
             tie_word_embeddings=False,
             pad_token_id=0,
         )
-        d = BENCH / f"m{i}"
+        d = inputs / f"m{i}"
         LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
         fast.save_pretrained(d)
         paths[f"m{i}"] = d
     rows = ["text"] + [" ".join(WORDS[(7 * r + j) % len(WORDS)] for j in range(12)) for r in range(16)]
-    paths["data"] = BENCH / "texts.csv"
+    paths["data"] = inputs / "texts.csv"
     paths["data"].write_text("\n".join(rows) + "\n")
     models = [{"name": f"m{i}", "path": str(paths[f"m{i}"]), "weight": 1.0} for i in range(3)]
     fm = {"name": "startup", "method": "isotropic", "models": models, "targets": ["m0"], "output": "out"}
-    paths["fishmerge_cfg"] = BENCH / "fishmerge.yaml"
+    paths["fishmerge_cfg"] = inputs / "fishmerge.yaml"
     paths["fishmerge_cfg"].write_text(json.dumps(fm))
     mk = {
         "merge_method": "linear",
         "models": [{"model": str(paths[f"m{i}"]), "parameters": {"weight": 1.0}} for i in range(3)],
         "dtype": "float32",
     }
-    paths["mergekit_cfg"] = BENCH / "mergekit.yaml"
+    paths["mergekit_cfg"] = inputs / "mergekit.yaml"
     paths["mergekit_cfg"].write_text(json.dumps(mk))
     marker.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
     return paths

@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument(
         "model", help="local Hugging Face model directory (safetensors), hub id (local HF cache) or models:/"
     )
+    fp.add_argument("--tracking-uri", help="MLflow registry of a models:/ model (env MLFLOW_TRACKING_URI wins)")
     return parser
 
 
@@ -345,7 +346,10 @@ def _cmd_server(args: argparse.Namespace) -> str:
         if s is None:
             return "no shared Prefect server was recorded"
         if not s["stopped"]:
-            return f"the recorded server at {s['url']} no longer runs: its record is removed"
+            return (
+                f"the recorded server at {s['url']} no longer runs (pid {s['pid']} is gone or is not the server "
+                "fishmerge started: left alone): its record is removed"
+            )
         return f"stopped the shared Prefect server at {s['url']}"
     s = server.running()
     return f"{s['url']} (pid {s['pid']})" if s else f"no shared Prefect server running ({server.state_path()})"
@@ -355,7 +359,7 @@ def _cmd_fingerprint(args: argparse.Namespace) -> str:
     from fishmerge.io.checkpoint import model_fingerprint
     from fishmerge.io.model_ref import resolve_model_ref
 
-    return model_fingerprint(resolve_model_ref(args.model))
+    return model_fingerprint(resolve_model_ref(args.model, tracking_uri=args.tracking_uri))
 
 
 def _cmd_inspect(args: argparse.Namespace) -> str:

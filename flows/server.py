@@ -11,6 +11,8 @@ Imports no Prefect (the `prefect` command runs in its own process).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -18,18 +20,34 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from fishmerge.errors import FishmergeError
 
 STATE_NAME = "prefect-server.json"
 START_TIMEOUT_S = 120.0
+STATE_MAX_BYTES = 64 * 1024
 
 
 def state_path() -> Path:
     """Where the shared server is recorded: $FISHMERGE_HOME (default ~/.fishmerge)/prefect-server.json."""
     return Path(os.environ.get("FISHMERGE_HOME") or "~/.fishmerge").expanduser() / STATE_NAME
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """One start or stop at a time on this machine (two `server start` at once would start two servers)."""
+    path = state_path().with_name("prefect-server.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _healthy(url: str, timeout: float = 2.0) -> bool:
@@ -40,36 +58,71 @@ def _healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _is_our_server(pid: int) -> bool:
-    """Whether `pid` is alive and is a `prefect server start` (a recycled pid is not ours to signal)."""
+def _started_at(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), None if gone."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _is_ours(state: dict) -> bool:
+    """Whether the recorded process still runs and is the one fishmerge started: same start time (a recycled
+    pid has another), a `prefect server start` on the recorded port."""
+    pid = state["pid"]
+    if _started_at(pid) != state.get("process_start"):
+        return False
+    try:
+        words = [w.decode(errors="replace") for w in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
     except OSError:
         return False
-    words = [w.decode(errors="replace") for w in cmdline]
-    return any(w.endswith("prefect") for w in words) and "server" in words and "start" in words
+    shape = any(w.endswith("prefect") for w in words) and "server" in words and "start" in words
+    return shape and str(state.get("port")) in words
 
 
 def _read_state() -> dict | None:
     try:
-        state = json.loads(state_path().read_text())
+        with open(state_path(), "rb") as fh:
+            state = json.loads(fh.read(STATE_MAX_BYTES))
     except (OSError, ValueError):
         return None
-    ok = isinstance(state, dict) and isinstance(state.get("url"), str) and isinstance(state.get("pid"), int)
+    ok = (
+        isinstance(state, dict)
+        and isinstance(state.get("url"), str)
+        and state["url"].startswith("http://127.0.0.1:")  # a loopback server of ours, nothing else
+        and isinstance(state.get("pid"), int)
+    )
     return state if ok else None
 
 
 def running() -> dict | None:
-    """The recorded shared server if it is alive and answers its health check, else None."""
+    """The recorded shared server if it is ours, alive and answers its health check, else None."""
     state = _read_state()
-    if state and _is_our_server(state["pid"]) and _healthy(state["url"]):
+    if state and _is_ours(state) and _healthy(state["url"]):
         return state
     return None
 
 
+def _profile_api_url() -> str | None:
+    """PREFECT_API_URL of the active Prefect profile (profiles.toml), read without importing Prefect."""
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.loads(fh.read(STATE_MAX_BYTES).decode())
+    except (OSError, ValueError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active")
+    profile = (data.get("profiles") or {}).get(active) or {}
+    value = profile.get("PREFECT_API_URL") if isinstance(profile, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
 def use_shared_server() -> str | None:
-    """Point this process's Prefect at the shared server when one runs and PREFECT_API_URL is unset."""
-    if os.environ.get("PREFECT_API_URL"):
+    """Point this process's Prefect at the shared server when one runs and no PREFECT_API_URL is set (in
+    the environment or the active Prefect profile: a configured server always wins)."""
+    if os.environ.get("PREFECT_API_URL") or _profile_api_url():
         return None
     state = running()
     if state is None:
@@ -84,61 +137,111 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(port: int | None = None) -> dict:
-    """Start the shared server in the background (or return the running one) and record it."""
-    found = running()
-    if found:
-        return {**found, "started": False}
-    prefect = Path(sys.executable).with_name("prefect")
-    if not prefect.exists():
-        raise FishmergeError(f"no `prefect` command beside {sys.executable}: reinstall fishmerge (pip install -e .)")
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _write_state(state: dict) -> None:
     path = state_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    log = path.with_name("prefect-server.log")
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # outlives this command; its own process group for `stop`
-        )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not _healthy(url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-            raise FishmergeError(
-                f"the Prefect server did not start on port {port} within {START_TIMEOUT_S:.0f} s (exit code "
-                f"{proc.poll()}): see {log}"
-            )
-        time.sleep(0.3)
-    state = {"url": url, "pid": proc.pid, "port": port, "log": str(log), "started_at": time.time()}
     tmp = path.with_name(f".{STATE_NAME}.{os.getpid()}")
     tmp.write_text(json.dumps(state))
     os.replace(tmp, path)
-    return {**state, "started": True}
 
 
-def stop(timeout_s: float = 20.0) -> dict | None:
-    """Stop the recorded server (its process group) and remove the record: the record with `stopped`
-    (False when its process was gone or is not a Prefect server), None when there was no record."""
-    state = _read_state()
-    if state is None:
-        return None
-    pid = state["pid"]
-    alive = _is_our_server(pid)
-    if alive:
+def _wait_healthy(state: dict, proc: subprocess.Popen | None) -> bool:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        alive = proc.poll() is None if proc is not None else _is_ours(state)
+        if not alive:
+            return False
+        if _healthy(state["url"]):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def start(port: int | None = None) -> dict:
+    """Start the shared server in the background (or return the running one) and record it."""
+    prefect = Path(sys.executable).with_name("prefect")
+    if not prefect.exists():
+        raise FishmergeError(f"no `prefect` command beside {sys.executable}: reinstall fishmerge (pip install -e .)")
+    with _locked():
+        recorded = _read_state()
+        if recorded and _is_ours(recorded):  # ours and alive: running, or still starting (wait for it)
+            if _wait_healthy(recorded, None):
+                return {**recorded, "started": False}
+            raise FishmergeError(
+                f"the shared Prefect server (pid {recorded['pid']}) runs but does not answer at {recorded['url']}: "
+                f"see {recorded.get('log')}; `fishmerge server stop` ends it"
+            )
+        if port is not None and not _port_free(port):
+            raise FishmergeError(f"port {port} is in use: choose another --port, or leave it out (a free one)")
+        port = port or _free_port()
+        log = state_path().with_name("prefect-server.log")
+        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # outlives this command; its own process group for `stop`
+            )
+        state = {
+            "url": f"http://127.0.0.1:{port}/api",
+            "pid": proc.pid,
+            "process_start": _started_at(proc.pid),
+            "port": port,
+            "log": str(log),
+            "started_at": time.time(),
+        }
+        try:
+            _write_state(state)  # recorded at once: a later `stop` finds it even if this command dies now
+            if not _wait_healthy(state, proc):
+                raise FishmergeError(
+                    f"the Prefect server did not start on port {port} within {START_TIMEOUT_S:.0f} s (exit code "
+                    f"{proc.poll()}): see {log}"
+                )
+        except BaseException:  # an error or Ctrl-C: no server is left running unrecorded
+            _end(proc.pid)
+            state_path().unlink(missing_ok=True)
+            raise
+        return {**state, "started": True}
+
+
+def _end(pid: int, timeout_s: float = 20.0) -> None:
+    """SIGTERM the process group of `pid` (SIGKILL after `timeout_s`); gone already is fine."""
+    try:
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while _is_our_server(pid) and time.monotonic() < deadline:
+        while _started_at(pid) is not None and time.monotonic() < deadline:
+            try:  # reap it when it is our own child (a zombie keeps its /proc entry)
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:
+                pass
             time.sleep(0.2)
-        if _is_our_server(pid):
-            os.killpg(pid, signal.SIGKILL)
-    state_path().unlink(missing_ok=True)
-    return {**state, "stopped": alive}
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop() -> dict | None:
+    """Stop the recorded server (its process group) and remove the record: the record with `stopped`
+    (False when its process is gone, or is not the server fishmerge started), None when there was no record."""
+    with _locked():
+        state = _read_state()
+        if state is None:
+            return None
+        ours = _is_ours(state)
+        if ours:
+            _end(state["pid"])
+        state_path().unlink(missing_ok=True)
+        return {**state, "stopped": ours}

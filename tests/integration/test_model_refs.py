@@ -129,6 +129,18 @@ def test_a_folder_beside_the_config_wins_over_a_hub_id(hub, hf_cache, tmp_path, 
     assert str(local) in out and str(hub["snapshot"]) not in out
 
 
+def test_a_folder_in_the_working_folder_is_not_taken_for_a_config_hub_id(
+    hub, hf_cache, tmp_path, capsys, monkeypatch
+) -> None:
+    decoy = save_model_dir(tmp_path / "cwd" / "acme" / "tiny-bert", "bert-cls", seed=6)
+    monkeypatch.chdir(tmp_path / "cwd")
+    (tmp_path / "cfgdir").mkdir()
+    cfg = merge_config(tmp_path / "cfgdir" / "cfg.yaml", HUB_ID, str(hub["other"]))
+    assert main(["plan", str(cfg)]) == 0
+    out, _ = capsys.readouterr()
+    assert str(hub["snapshot"]) in out and str(decoy) not in out  # the config's relative path never reads the cwd
+
+
 def test_hub_id_not_in_the_cache_is_one_line_naming_the_cache(hub, hf_cache, tmp_path, capsys) -> None:
     cfg = merge_config(tmp_path / "cfg.yaml", "acme/absent-model", str(hub["other"]))
     for args in (["plan", str(cfg)], ["fisher", "--model", "acme/absent-model", "--data", str(hub["data"])]):

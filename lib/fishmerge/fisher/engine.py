@@ -219,9 +219,8 @@ class FisherAccumulator:
             for c in calls:
                 c.grads = [next(it) for _ in c.outputs]
             live = [c for c in calls if any(g is not None for g in c.grads)]
-            if verify:
-                self._verify(term, live, n, retain_graph=i < len(terms) - 1)
-                self.verify_pending = False
+            if verify:  # a batch whose gradient is all zero (only masked tokens) checks nothing: the next one does
+                self.verify_pending = not self._verify(term, live, n, retain_graph=i < len(terms) - 1)
             self._accumulate(live, n, uses)
         self.n_examples += n
 
@@ -288,8 +287,9 @@ class FisherAccumulator:
                 total = g if total is None else total.add_(g)
             self.sums[name].add_(total.square().sum(0))
 
-    def _verify(self, term: torch.Tensor, calls: list[Call], n: int, retain_graph: bool) -> None:
-        """Compare Σₙ gₙ from the rules with autograd's batch gradient, once, on the first batch."""
+    def _verify(self, term: torch.Tensor, calls: list[Call], n: int, retain_graph: bool) -> bool:
+        """Compare Σₙ gₙ from the rules with autograd's batch gradient, once, on the first batch whose
+        gradient is not all zero; whether it could compare (False: an all-zero gradient, nothing to see)."""
         names = list(self.params)
         true = torch.autograd.grad(term, [self.params[k] for k in names], retain_graph=True, allow_unused=True)
         ours = {k: torch.zeros_like(self.sums[k]) for k in names}
@@ -299,7 +299,10 @@ class FisherAccumulator:
             targets = {k: ours[self.names[id(getattr(c.module, k))]] for k in own}
             self._rules[c.module].add_summed(c, n, own, self.max_memory, targets)
         true = [torch.zeros_like(ours[k]) if t is None else t.float() for k, t in zip(names, true)]
-        floor = 1e-5 * float(torch.stack([t.norm() for t in true]).norm())  # grads that are 0 in exact math
+        total = float(torch.stack([t.norm() for t in true]).norm())
+        if total == 0.0:
+            return False
+        floor = 1e-5 * total  # grads that are 0 in exact math
         for k, t in zip(names, true):
             p = self.params[k]
             tol = 1e-3 if p.dtype == torch.float32 or p.dtype == torch.float64 else 5e-2
@@ -311,6 +314,7 @@ class FisherAccumulator:
                     f"{float(err / scale):.2e}): it is used outside its module's forward, or by a module "
                     "whose rule does not fit it. Freeze it, or register a rule (fishmerge.fisher.rules.register_rule)."
                 )
+        return True
 
     def fisher(self) -> dict[str, torch.Tensor]:
         """F = (1/N) Σₙ E_y[gₙ²] per parameter name, fp32 on CPU."""

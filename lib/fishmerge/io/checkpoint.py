@@ -351,8 +351,12 @@ def cached_model_fingerprint(model_dir: str | Path) -> str:
     d = Path(model_dir)
     files = safetensors_files(d)
     key = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    from fishmerge.io.model_ref import hub_cache_dir
+
+    # Beside the model, unless the folder is a snapshot of the Hugging Face cache (not ours to write in).
+    beside = [] if d.resolve().is_relative_to(hub_cache_dir().resolve()) else [d / FINGERPRINT_CACHE]
     cache_paths = [
-        d / FINGERPRINT_CACHE,
+        *beside,
         _user_cache_dir() / (hashlib.sha256(str(d.resolve()).encode()).hexdigest()[:16] + ".json"),
     ]
     for p in cache_paths:

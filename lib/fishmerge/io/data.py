@@ -91,7 +91,8 @@ def length_batches(
 
 @dataclass
 class Encoded:
-    """Tokenized selected examples, padded to one width (fixed shapes: no CPU re-planning)."""
+    """Tokenized selected examples, right-padded to the longest of them; `batches` cuts each batch to its own
+    width (rows of similar length together)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor

@@ -28,15 +28,16 @@ def hub_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def resolve_hub_id(repo_id: str) -> str:
-    """The snapshot folder of `repo_id` (its `main` revision) in the local Hugging Face cache, offline."""
+def resolve_hub_id(repo_id: str, beside: str = "the working folder") -> str:
+    """The snapshot folder of `repo_id` (its `main` revision) in the local Hugging Face cache, offline;
+    `beside` names where a folder of that name was looked for first (for the error)."""
     from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(repo_id, local_files_only=True)
     except Exception as exc:  # LocalEntryNotFoundError, or a damaged cache entry: the same way out
         raise FishmergeError(
-            f"model '{repo_id}' is not a local folder, and the hub id is not in the Hugging Face cache at "
+            f"model '{repo_id}' is not a folder in {beside}, and the hub id is not in the Hugging Face cache at "
             f"'{hub_cache_dir()}' ({type(exc).__name__}): put it there first (e.g. `hf download {repo_id}` on a "
             "machine with hub access, then copy the cache; HF_HUB_CACHE or HF_HOME point elsewhere), or give a "
             "local folder"

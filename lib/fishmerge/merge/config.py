@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, field_vali
 from fishmerge.errors import FishmergeError
 from fishmerge.fisher.options import FisherOptions
 from fishmerge.fisher.statistics import STATISTICS
-from fishmerge.io.model_ref import DEFAULT_REGISTRY_ROOT, REGISTRY_PREFIX, is_hub_id, resolve_model_ref
+from fishmerge.io.model_ref import DEFAULT_REGISTRY_ROOT, REGISTRY_PREFIX, is_hub_id, resolve_hub_id, resolve_model_ref
 from fishmerge.merge.methods import METHODS, get_method, params_in_section
 from fishmerge.merge.methods.base import own_fields
 from fishmerge.pipeline.metrics import check_metric_name
@@ -430,9 +430,17 @@ def resolve_model_refs(cfg: MergeConfig, registry_root: str | Path = DEFAULT_REG
     """Every model (and the base) as a local folder, in place: hub ids from the local Hugging Face cache,
     `models:/Name@alias` from the config's registry (`mlflow.tracking_uri`), folders as they are."""
     uri = cfg.mlflow.tracking_uri
-    cfg.base = resolve_model_ref(cfg.base, registry_root, uri) if cfg.base else cfg.base
+
+    def resolve(ref: str) -> str:
+        # After _resolve_paths a folder is absolute; a relative value is a hub id with no folder of its name
+        # beside the config: looked up in the HF cache only, never against the working folder.
+        if ref.startswith(REGISTRY_PREFIX) or Path(ref).is_absolute():
+            return resolve_model_ref(ref, registry_root, uri)
+        return resolve_hub_id(ref, beside="the config's folder")
+
+    cfg.base = resolve(cfg.base) if cfg.base else cfg.base
     for m in cfg.models:
-        m.path = resolve_model_ref(m.path, registry_root, uri)
+        m.path = resolve(m.path)
     return cfg
 
 

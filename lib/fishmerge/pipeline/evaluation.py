@@ -101,14 +101,19 @@ def class_probabilities(
             raise FishmergeError("the tokenizer has neither a pad nor an eos token: save it with a pad_token")
         tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(*texts, truncation=True, max_length=max_length) if rows else {"input_ids": []}
-    pads = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": tokenizer.pad_token_type_id}
+    pads = {"input_ids": tokenizer.pad_token_id, "token_type_ids": tokenizer.pad_token_type_id}
     fields = [k for k in pads if k in enc]
+    lengths = [len(x) for x in enc["input_ids"]]
     model.to(dev).eval()
     out: np.ndarray | None = None
-    batches = length_batches([len(x) for x in enc["input_ids"]], batch_size, max_length, dev)
+    batches = length_batches(lengths, batch_size, max_length, dev)
     with torch.inference_mode():
         for idx, width in _progress(batches, progress, "evaluate"):
             batch = {k: _pad_rows([enc[k][i] for i in idx], width, pads[k], dev) for k in fields}
+            # the mask from the rows' lengths, whatever the tokenizer returns: padding is never attended
+            batch["attention_mask"] = (
+                torch.arange(width, device=dev) < torch.tensor([lengths[i] for i in idx], device=dev)[:, None]
+            ).long()
             logits = model(**batch).logits
             if logits.dim() != 2:
                 raise FishmergeError(
@@ -198,7 +203,7 @@ def lm_token_logprobs(
 ) -> np.ndarray:
     """log p(token) of every counted next token of a causal LM, row by row in order (fp64, flat).
 
-    Rows are encoded as for the Fisher (`fishmerge.io.data.encode_lm`: plain text, prompt/response or
+    Rows are encoded as for the Fisher (`fishmerge.io.data.lm_token_ids` and `pad_lm`: plain text, prompt/response or
     chat; only response tokens count for the last two), truncated to `max_length`; token t+1 is
     predicted from tokens ≤ t. Log-softmax in fp32. The same rows give the same positions for every
     model with this tokenizer, so arrays of several models line up (output ensembling)."""
