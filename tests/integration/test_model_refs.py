@@ -111,6 +111,7 @@ def test_hub_id_in_fingerprint_plan_merge_and_fisher(hub, hf_cache, tmp_path, ca
     assert_merged(tmp_path / "out", body_average(hub["src"], hub["other"]))
     record = json.loads((tmp_path / "out" / "a" / "fishmerge.json").read_text())
     assert record["inputs"][0]["model_fingerprint"] == model_fingerprint(hub["src"])
+    assert sorted(p.name for p in hub["snapshot"].iterdir()) == sorted(p.name for p in hub["src"].iterdir())
 
     store = tmp_path / "hub.zarr"
     args = ["fisher", "--model", HUB_ID, "--data", str(hub["data"]), "--examples", "8", "--store", str(store)]
