@@ -22,7 +22,6 @@ from safetensors.numpy import load_file
 
 from tests.conftest import save_model_dir, sentences, write_csv
 
-REPO = Path(__file__).resolve().parents[2]
 HUB_ID = "acme/tiny-bert"
 
 

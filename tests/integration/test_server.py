@@ -15,8 +15,6 @@ import pytest
 
 from tests.conftest import save_model_dir
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def fishmerge(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(

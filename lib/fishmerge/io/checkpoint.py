@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fishmerge.errors import FishmergeError
+from fishmerge.io.model_ref import hub_cache_dir
 
 HEAD_SUFFIXES = ("ForSequenceClassification", "ForCausalLM", "LMHeadModel", "ForTokenClassification")
 _READ_BLOCK = 16 * 2**20
@@ -351,8 +352,6 @@ def cached_model_fingerprint(model_dir: str | Path) -> str:
     d = Path(model_dir)
     files = safetensors_files(d)
     key = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    from fishmerge.io.model_ref import hub_cache_dir
-
     # Beside the model, unless the folder is a snapshot of the Hugging Face cache (not ours to write in).
     beside = [] if d.resolve().is_relative_to(hub_cache_dir().resolve()) else [d / FINGERPRINT_CACHE]
     cache_paths = [

@@ -295,8 +295,8 @@ def lm_token_ids(
     return (prompt + response)[:max_length], len(prompt)
 
 
-def lm_pad_id(tokenizer) -> int:
-    """The id a causal LM's rows are padded with: the pad token, else EOS (set as the pad token)."""
+def pad_token_id(tokenizer) -> int:
+    """The id rows are padded with: the pad token, else EOS (set as the pad token); neither is an error."""
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise FishmergeError("the tokenizer has neither a pad nor an eos token: save it with a pad_token")
@@ -315,7 +315,7 @@ def encode_lm(
 ) -> Encoded:
     """Causal-LM rows right-padded to the longest (or to max_length), truncated to max_length; `labels` are
     the input ids where a token counts (prediction target) and −100 elsewhere (prompt, padding)."""
-    pad_id = lm_pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     n = len(example_ids)
     rows = [{f: columns[f][i] for f in columns} for i in range(n)]
     seqs = [lm_token_ids(tokenizer, r, text_fields, messages_field, max_length) for r in rows]

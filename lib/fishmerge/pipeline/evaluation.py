@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from fishmerge.errors import FishmergeError
 from fishmerge.io.checkpoint import resolve_device
-from fishmerge.io.data import check_columns, label_values, length_batches, load_split
+from fishmerge.io.data import check_columns, label_values, length_batches, load_split, pad_token_id
 
 
 def load_eval_rows(
@@ -96,12 +96,8 @@ def class_probabilities(
     """
     dev = _device(device)
     texts = _texts(rows, text_fields)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise FishmergeError("the tokenizer has neither a pad nor an eos token: save it with a pad_token")
-        tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(*texts, truncation=True, max_length=max_length) if rows else {"input_ids": []}
-    pads = {"input_ids": tokenizer.pad_token_id, "token_type_ids": tokenizer.pad_token_type_id}
+    pads = {"input_ids": pad_token_id(tokenizer), "token_type_ids": tokenizer.pad_token_type_id}
     fields = [k for k in pads if k in enc]
     lengths = [len(x) for x in enc["input_ids"]]
     model.to(dev).eval()
@@ -207,13 +203,13 @@ def lm_token_logprobs(
     chat; only response tokens count for the last two), truncated to `max_length`; token t+1 is
     predicted from tokens ≤ t. Log-softmax in fp32. The same rows give the same positions for every
     model with this tokenizer, so arrays of several models line up (output ensembling)."""
-    from fishmerge.io.data import check_unknown_rate, lm_pad_id, lm_token_ids, pad_lm
+    from fishmerge.io.data import check_unknown_rate, lm_token_ids, pad_lm
 
     dev = _device(device)
     fields = [messages_field] if messages_field else list(text_fields)
     if rows:
         check_columns(list(rows[0]), fields, "text")
-    pad_id = lm_pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     seqs = [lm_token_ids(tokenizer, r, text_fields, messages_field, max_length) for r in rows]
     model.to(dev).eval()
     per_row: list[np.ndarray] = [np.zeros(0)] * len(rows)
