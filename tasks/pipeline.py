@@ -105,7 +105,9 @@ def pipeline_report(
 
     report = write_pipeline_report(cfg, fishers, weights, searches, results, tracked, merged_dirs)
     create_markdown_artifact(
-        key=_artifact_key(cfg.name, "report"), markdown=report["markdown"], description="fishmerge pipeline report"
+        key=_artifact_key(cfg.name, "report"),
+        markdown=report["artifact_markdown"],
+        description="fishmerge pipeline report",
     )
     for label, rows in report["tables"].items():
         create_table_artifact(

@@ -4,10 +4,13 @@ tells corrupt partials from bugs, and the report rendered by the core."""
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import threading
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,6 +195,8 @@ def test_report_markdown_comes_from_the_core(inputs, tmp_path) -> None:
     assert "## Shards computed this run" in md and "## Per-layer Fisher mass" in md
     assert "| 0 | 6 |" in md and "| 1 | 6 |" in md
     assert png == uri.removesuffix(".zarr") + ".layer-mass.png" and os.path.getsize(png) > 1000
+    inline = re.search(r"!\[Fisher mass per layer\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", md)
+    assert inline and base64.b64decode(inline.group(1)) == Path(png).read_bytes()  # the UI shows the plot
 
 
 def test_no_load_counter_in_production_code() -> None:

@@ -8,9 +8,11 @@ a stopped MLflow server, `fishmerge promote` / `fishmerge history`. Real Prefect
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -27,6 +29,8 @@ from fishmerge import registry
 from fishmerge.flows.cli import main
 from fishmerge.flows.pipeline import run_pipeline
 from mlflow import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from tests.conftest import WORDS, save_model_dir
 from tests.integration.conftest import pipeline_workspace
@@ -305,8 +309,17 @@ def test_mlflow_run_registry_serving_and_report(ws, first) -> None:
     assert Path(result["report"]) == out / "report.md"
     report = (out / "report.md").read_text()
     assert "fm-pipe-a" in report and "promoted" in report and "isotropic" in report
-    for png in ("lambda_curve.png", "tasks.png", "fisher_mass_a.png", "fisher_mass_b.png"):
+    pngs = ("lambda_curve.png", "tasks.png", "fisher_mass_a.png", "fisher_mass_b.png")
+    for png in pngs:
         assert (out / png).stat().st_size > 1000, png
+        assert f"({png})" in report, png  # report.md shows the plot beside it
+    # The Prefect artifact carries the same plots inline: the UI shows them without the files.
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["fm-pipe-report"]))
+        )
+    shown = [re.findall(r"\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", a.data) for a in artifacts]
+    assert [(out / png).read_bytes() for png in pngs] in [[base64.b64decode(b) for b in s] for s in shown]
     for n in KEYWORDS:
         assert (out / n / "model.safetensors").exists() and (out / n / "config.json").exists()
     assert not (ws / "mlruns").exists()  # artifacts beside the SQLite database

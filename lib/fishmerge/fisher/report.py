@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 import re
@@ -177,6 +178,23 @@ def plot_layer_mass(rows: list[dict], title: str, out_uri: str) -> str:
     return out_uri
 
 
+MAX_INLINE_PNG = 4 * 2**20  # a plot larger than this is linked, not inlined
+
+
+def png_markdown(uri: str, alt: str, inline: bool) -> str:
+    """A markdown image of a PNG plot. Inline, as a data: URI, for a Prefect artifact (the UI shows it
+    without access to the file, which may be on another machine); else by its file name, for a
+    report written beside the plot. A plot too large to inline is named by its path instead."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    if not inline:
+        return f"![{alt}]({name})"
+    try:
+        data = storage.read_bytes(uri, MAX_INLINE_PNG)
+    except ValueError:
+        return f"{alt}: `{uri}`"
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})"
+
+
 def fisher_report_markdown(store: str, summaries: list[dict]) -> tuple[str, str]:
     """The report of an estimation, as markdown (spec, examples, wall time, throughput, the shards
     computed this run, per-layer mass), and the per-layer mass plot written beside the store."""
@@ -206,6 +224,8 @@ def fisher_report_markdown(store: str, summaries: list[dict]) -> tuple[str, str]
 | examples/s | {attrs.get("examples_per_s")} |
 | device / dtype | {attrs.get("device")} / {attrs.get("model_dtype")} |
 | plot | `{png}` |
+
+{png_markdown(png, "Fisher mass per layer", inline=True)}
 
 ## Shards computed this run
 | shard | examples | compute s | examples/s |

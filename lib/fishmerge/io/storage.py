@@ -94,6 +94,20 @@ def read_json(uri: str) -> dict | None:
             return None
 
 
+def read_bytes(uri: str, max_bytes: int) -> bytes:
+    """The whole file at `uri`, read by its size (a file over `max_bytes`, or one that changes size
+    while read, is refused: no unbounded read)."""
+    fs, path = filesystem(uri)
+    with _remote_errors(uri):
+        size = fs.size(path)
+        if size is None or size > max_bytes:
+            raise ValueError(f"{uri}: {size} bytes, more than the {max_bytes} read here")
+        data = fs.cat_file(path, start=0, end=size)
+    if len(data) != size:
+        raise ValueError(f"{uri}: read {len(data)} of {size} bytes (the file changed while read)")
+    return data
+
+
 def write_json(uri: str, obj: Any) -> None:
     """Write JSON so readers see the old or the new object, never half of one.
 

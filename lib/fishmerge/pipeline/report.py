@@ -176,8 +176,12 @@ def report_markdown(
     outputs: dict[str, str],
     plots: list[str],
     higher: dict[str, bool] | None = None,
+    inline_plots: bool = False,
 ) -> str:
-    """The pipeline run as one page: chosen λ, the results table, promotion decisions, candidates."""
+    """The pipeline run as one page: chosen λ, the results table, promotion decisions, candidates, the
+    plots (by file name for report.md beside them; inline for the Prefect artifact)."""
+    from fishmerge.fisher.report import png_markdown
+
     lam = ", ".join(f"{n}={w:.3f}" for n, w in zip(model_names, weights))
     if method in searches and varied_params(searches[method]):
         best = searches[method]["candidates"][searches[method]["best"]]
@@ -191,7 +195,7 @@ def report_markdown(
     )
     out_rows = "\n".join(f"| {t} | `{p}` |" for t, p in outputs.items())
     cand = "\n\n".join(f"### {label}\n{candidates_table(s, model_names)}" for label, s in searches.items())
-    pics = "\n".join(f"- `{p}`" for p in plots)
+    pics = "\n\n".join(png_markdown(p, Path(p).stem.replace("_", " "), inline_plots) for p in plots)
     return f"""# fishmerge pipeline: {name}
 
 Method **{method}**, chosen λ: {lam}.
@@ -278,7 +282,8 @@ def write_pipeline_report(
 ) -> dict:
     """report.md, the plots and pipeline.json beside the merged folders.
 
-    Returns {'report': path, 'plots': [paths], 'markdown': text, 'tables': {search label: candidate rows}}.
+    Returns {'report': path, 'plots': [paths], 'markdown': report.md's text, 'artifact_markdown': the same
+    with the plots inline, 'tables': {search label: candidate rows}}.
     """
     from fishmerge.fisher.report import plot_layer_mass, tensor_stats
 
@@ -294,7 +299,8 @@ def write_pipeline_report(
     for name, uri in fishers.items():
         plots.append(plot_layer_mass(tensor_stats(uri), f"Fisher of {name}", str(out / f"fisher_mass_{name}.png")))
     decisions = tracked.get("decisions", {})
-    md = report_markdown(cfg.name, cfg.method, names, weights, results, searches, decisions, merged_dirs, plots, higher)
+    args = (cfg.name, cfg.method, names, weights, results, searches, decisions, merged_dirs, plots, higher)
+    md = report_markdown(*args)
     (out / "report.md").write_text(md)
     summary = {
         "name": cfg.name,
@@ -311,5 +317,6 @@ def write_pipeline_report(
         "report": str(out / "report.md"),
         "plots": plots,
         "markdown": md,
+        "artifact_markdown": report_markdown(*args, inline_plots=True),
         "tables": {label: candidate_rows(s, names) for label, s in searches.items()},
     }
