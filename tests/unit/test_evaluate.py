@@ -117,18 +117,15 @@ def test_class_probabilities_vs_unpadded_loop(models, fields) -> None:
 
 def test_length_batches_group_rows_of_similar_length() -> None:
     lengths = [40, 3, 17, 64, 16, 5, 33, 3, 70]
-    cpu = length_batches(lengths, 4, 64, torch.device("cpu"))
-    assert sorted(i for idx, _ in cpu for i in idx) == list(range(len(lengths)))  # every row once
-    assert [idx for idx, _ in cpu] == [[1, 7, 5, 4], [2, 6, 0, 3], [8]]  # by length, ties in row order
-    # CPU: the batch's longest row rounded up to 16, capped at max_length unless a row is longer
-    assert [w for _, w in cpu] == [16, 64, 70]
-    assert [w for _, w in length_batches([1, 2], 8, 64, torch.device("cpu"))] == [16]
-    assert [w for _, w in length_batches([17], 8, 20, torch.device("cpu"))] == [20]
-    assert [w for _, w in length_batches(lengths, 4, 64, torch.device("meta"))] == [16, 64, 70]  # longest
-    assert [w for _, w in length_batches([0, 0], 4, 64, torch.device("meta"))] == [1]
-    assert length_batches([], 4, 64, torch.device("cpu")) == []
+    batches = length_batches(lengths, 4)
+    assert sorted(i for idx, _ in batches for i in idx) == list(range(len(lengths)))  # every row once
+    assert [idx for idx, _ in batches] == [[1, 7, 5, 4], [2, 6, 0, 3], [8]]  # by length, ties in row order
+    assert [w for _, w in batches] == [16, 64, 70]  # each batch as wide as its longest row, no rounding
+    assert [w for _, w in length_batches([1, 2], 8)] == [2]
+    assert [w for _, w in length_batches([0, 0], 4)] == [1]  # never an empty width
+    assert length_batches([], 4) == []
     with pytest.raises(FishmergeError, match="batch size must be positive"):
-        length_batches(lengths, 0, 64, torch.device("cpu"))
+        length_batches(lengths, 0)
 
 
 def oracle_perplexity(model, tok, texts, max_length) -> float:

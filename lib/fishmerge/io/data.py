@@ -66,26 +66,17 @@ def check_columns(columns: Sequence[str], wanted: Sequence[str], what: str) -> N
         raise FishmergeError(f"{what} column(s) {missing} not in the data: it has {', '.join(columns)}")
 
 
-# On CPU a batch is padded to a multiple of this many tokens: few distinct shapes, little padding.
-PAD_MULTIPLE = 16
-
-
-def length_batches(
-    lengths: Sequence[int], batch_size: int, max_length: int, device: torch.device
-) -> list[tuple[list[int], int]]:
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[tuple[list[int], int]]:
     """(row indices, padded width) of each batch: rows in order of length (stable), so a batch holds rows
-    of similar length; the width is the batch's longest row, rounded up to `PAD_MULTIPLE` (at most
-    `max_length`) on CPU."""
+    of similar length; the width is the batch's longest row. Not rounded up to a multiple of 8 or 16: on CPU, exact
+    widths scored the demo's rows 1.2-1.3x faster (docs/benchmarks.md)."""
     if batch_size <= 0:
         raise FishmergeError(f"batch size must be positive, got {batch_size}")
     order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
     out = []
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        longest = max(1, max(int(lengths[i]) for i in idx))
-        if device.type == "cpu":
-            longest = max(longest, min(max_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE))
-        out.append((idx, longest))
+        out.append((idx, max(1, max(int(lengths[i]) for i in idx))))
     return out
 
 
@@ -108,7 +99,7 @@ class Encoded:
         (`length_batches`), each batch cut to its own width, so no batch computes over the padding the
         longest row of the whole selection needs. Rows are right-padded, so the mask's sum is a row's length."""
         lengths = self.attention_mask.sum(1).tolist()
-        for idx, width in length_batches(lengths, batch_size, int(self.input_ids.shape[1]), torch.device(device)):
+        for idx, width in length_batches(lengths, batch_size):
             rows = torch.tensor(idx, dtype=torch.long)
             batch = {"input_ids": self.input_ids[rows, :width], "attention_mask": self.attention_mask[rows, :width]}
             if self.token_type_ids is not None:

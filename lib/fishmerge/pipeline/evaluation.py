@@ -2,10 +2,8 @@
 log-likelihoods, NLL and perplexity; output ensembles of both.
 
 Batched, in eval mode under `torch.inference_mode`, on CPU or GPU. Rows are tokenized once, ordered by
-length and batched with rows of similar length (`length_batches`); results come back in the rows' order.
-On CPU a batch is padded up to a multiple of `fishmerge.io.data.PAD_MULTIPLE` tokens (at most `max_length`): a few fixed
-shapes (a new shape makes CPU kernels re-plan) and little compute spent on padding; on GPU to the batch's
-longest row. Metrics are plain numpy so they can be checked against scikit-learn.
+length and batched with rows of similar length (`length_batches`), each batch padded to its longest row;
+results come back in the rows' order. Metrics are plain numpy so they can be checked against scikit-learn.
 """
 
 from __future__ import annotations
@@ -102,7 +100,7 @@ def class_probabilities(
     lengths = [len(x) for x in enc["input_ids"]]
     model.to(dev).eval()
     out: np.ndarray | None = None
-    batches = length_batches(lengths, batch_size, max_length, dev)
+    batches = length_batches(lengths, batch_size)
     with torch.inference_mode():
         for idx, width in _progress(batches, progress, "evaluate"):
             batch = {k: _pad_rows([enc[k][i] for i in idx], width, pads[k], dev) for k in fields}
@@ -213,7 +211,7 @@ def lm_token_logprobs(
     seqs = [lm_token_ids(tokenizer, r, text_fields, messages_field, max_length) for r in rows]
     model.to(dev).eval()
     per_row: list[np.ndarray] = [np.zeros(0)] * len(rows)
-    batches = length_batches([len(ids) for ids, _ in seqs], batch_size, max_length, dev)
+    batches = length_batches([len(ids) for ids, _ in seqs], batch_size)
     with torch.inference_mode():
         for idx, width in _progress(batches, progress, "nll"):
             enc = pad_lm([seqs[i] for i in idx], width, pad_id, idx)
