@@ -71,6 +71,7 @@ def assert_close(ours: dict, ref: dict, tol: float = 1e-5) -> None:
 
 CASES = [
     ("bert-cls", "exact"),
+    ("bert-cls2", "exact"),  # binary: one backward pass
     ("bert-cls", "sampled"),
     ("bert-cls", "empirical"),
     ("bert-reg", "exact"),
@@ -104,6 +105,27 @@ def test_engine_matches_naive_oracle(name: str, estimator: str) -> None:
     ref = naive_fisher(model, examples, estimator, head, seed=5)
     ours = estimate_fisher(model, make_batches(model, examples, batch_size=3), estimator, seed=5)
     assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 7, 64])
+def test_exact_weights_factor_the_softmax_covariance(classes: int) -> None:
+    """C − 1 weight vectors per example whose outer products sum to diag(p) − p pᵀ, each summing to zero
+    (so their gradient through log-softmax is the logits' Jacobian times u): uniform, random and
+    near-one-hot rows."""
+    from fishmerge.fisher.estimators import covariance_roots
+
+    g = torch.Generator().manual_seed(classes)
+    logits = torch.cat(
+        [torch.zeros(1, classes), torch.randn(5, classes, generator=g) * 3, 30.0 * torch.eye(classes)[:2]]
+    )
+    logp = torch.log_softmax(logits.double(), -1)
+    roots = covariance_roots(logp)
+    assert len(roots) == classes - 1
+    p = logp.exp()
+    want = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    got = sum(u[:, :, None] * u[:, None, :] for u in roots)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert float(max(u.sum(1).abs().max() for u in roots)) < 1e-12
 
 
 @pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm-tied", "llama-cls"])

@@ -5,8 +5,9 @@ and example n's gradient of that term is the quantity to square:
 - `empirical`: log p(y|x) at the true label (classification) or next tokens (LM);
 - `sampled`: log p(ŷ|x) with ŷ drawn from the model (LMs: one draw per position, the sequence's
   log-likelihood summed over positions, so the square is per sequence);
-- `exact`: one term per class c, Σₙ √p(c|xₙ) log p(c|xₙ) with √p detached, so the squared
-  per-example gradient is p(c|x)(∇log p(c|x))² and the terms sum to the expectation over classes.
+- `exact`: the expectation over classes Σ_c p(c|x)(∇log p(c|x))², from C − 1 terms Σₙ u_k(xₙ)·log p(·|xₙ)
+  whose weights u_k (detached) factor the softmax covariance diag(p) − p pᵀ (`covariance_roots`): one
+  backward pass fewer than one term per class, half as many for a binary head.
 Regression heads (one output) use a unit-variance Gaussian likelihood.
 Draws come from a generator seeded by (seed, example id, position within the real tokens), so
 an example's draw does not depend on batching, padding side or sharding.
@@ -173,6 +174,29 @@ def get_estimator(name: str) -> Estimator:
         raise FishmergeError(f"unknown estimator '{name}': choose one of {', '.join(_REGISTRY)}") from None
 
 
+def covariance_roots(logp: torch.Tensor) -> list[torch.Tensor]:
+    """C − 1 detached weights u_k (n, C) with Σ_k u_k u_kᵀ = diag(p) − p pᵀ per example, p = exp(logp).
+
+    Σ_c p_c (∇log p_c)² = diag(Jᵀ (diag p − p pᵀ) J) for J the logits' Jacobian. The softmax covariance
+    factors class by class (is it class k, given it is one of k…C−1?): with tail sums s_k = Σ_{j≥k} p_j,
+    u_k = √(p_k s_{k+1} / s_k) · (e_k − [p_j / s_{k+1}]_{j>k}). Each u_k sums to zero, so
+    ∇(u_k · log p) = Jᵀu_k, and Σ_k (Jᵀu_k)² is the expectation over the classes: C − 1 backward passes
+    instead of one per class (a binary head needs one). Computed in fp64 on the CPU; exact for a
+    confident head too (no eigen-solver that cannot tell its small directions apart).
+    """
+    p = logp.to("cpu", torch.float64).exp()
+    tail = p.flip(-1).cumsum(-1).flip(-1)  # s_k
+    roots = []
+    for k in range(p.shape[-1] - 1):
+        s_k, s_next = tail[:, k], tail[:, k + 1]
+        coef = torch.where(s_k > 0, p[:, k] * s_next / s_k.clamp(min=1e-300), 0.0).sqrt()
+        u = torch.zeros_like(p)
+        u[:, k] = coef
+        u[:, k + 1 :] = -(coef * torch.where(s_next > 0, 1.0 / s_next.clamp(min=1e-300), 0.0))[:, None] * p[:, k + 1 :]
+        roots.append(u.to(logp.device, logp.dtype))
+    return roots
+
+
 def _gaussian(mu: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     return [(-0.5 * (y - mu).square()).sum()]
 
@@ -190,11 +214,10 @@ class Exact(Estimator):
         c = logp.shape[-1]
         if c > d.max_exact_classes:
             raise FishmergeError(
-                f"'exact' needs one backward pass per class and this head has {c} classes "
+                f"'exact' needs one backward pass per class but one, and this head has {c} classes "
                 f"(limit {d.max_exact_classes}): use --estimator sampled."
             )
-        sqrt_p = logp.detach().exp().sqrt()
-        return [(sqrt_p[:, k] * logp[:, k]).sum() for k in range(c)]
+        return [(u * logp).sum() for u in covariance_roots(logp.detach())]
 
     def regression(self, mu, d):  # E[(y − μ)²] = 1
         return [mu.sum()]
