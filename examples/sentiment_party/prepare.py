@@ -276,17 +276,14 @@ def tokenize(tok, texts: list[str], max_length: int) -> dict:
 
 
 def accuracy(model, tok, rows: list[dict], max_length: int, batch_size: int = 128) -> float:
-    """Accuracy of `model` on `rows` (fixed-width batches, no grad)."""
-    import torch
+    """Accuracy of `model` on `rows`, scored as the pipeline scores (fishmerge's `class_probabilities`:
+    rows batched by length, each batch as wide as its longest row)."""
+    from fishmerge.pipeline.evaluation import class_probabilities
 
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s : s + batch_size]
-            logits = model(**tokenize(tok, [r["text"] for r in chunk], max_length)).logits
-            correct += int((logits.argmax(-1) == torch.tensor([r["label"] for r in chunk])).sum())
-    return correct / len(rows)
+    probs = class_probabilities(
+        model, tok, rows, ["text"], batch_size=batch_size, max_length=max_length, progress=False
+    )
+    return float((probs.argmax(1) == np.array([r["label"] for r in rows])).mean())
 
 
 def training_schedule(model, settings: dict, name: str, n_train: int, weight_decay: float):
