@@ -3,6 +3,7 @@ processes and logs, and a small two-target pipeline config to run on it."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -92,3 +93,19 @@ def stack_processes(state: Path) -> list[tuple[psutil.Process, str]]:
 def log_tail(state: Path, name: str, n: int = 40) -> str:
     path = state / "logs" / f"{name}.log"
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+
+
+def stack_env(state: Path) -> tuple[dict[str, str], tuple[int, int, int]]:
+    """The environment of a stack in `state` on free loopback ports (Prefect, MLflow, Dask), without the
+    GPU worker, and those ports. The caller's Prefect/MLflow settings (the test harness's
+    PREFECT_API_URL) never reach the stack."""
+    ports = tuple(free_ports(3))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env |= {
+        "FISHMERGE_STACK_DIR": str(state),
+        "FISHMERGE_PREFECT_PORT": str(ports[0]),
+        "FISHMERGE_MLFLOW_PORT": str(ports[1]),
+        "FISHMERGE_DASK_PORT": str(ports[2]),
+        "FISHMERGE_STACK_GPU_WORKER": "0",
+    }
+    return env, ports

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration import browser
-from tests.integration.stack import exports, free_ports, log_tail, pipeline_config, stack, stack_processes
+from tests.integration.stack import exports, log_tail, pipeline_config, stack, stack_env, stack_processes
 
 pytestmark = [pytest.mark.dashboard, pytest.mark.skipif(not browser.available(), reason=browser.MISSING)]
 
@@ -29,7 +29,8 @@ RUN_TIMEOUT_S = 600
 
 def png_width(path: Path) -> int:
     """Pixel width from a PNG's IHDR chunk."""
-    head = path.read_bytes()[:24]
+    with open(path, "rb") as f:
+        head = f.read(24)
     assert head[:8] == b"\x89PNG\r\n\x1a\n", path
     return struct.unpack(">I", head[16:20])[0]
 
@@ -58,15 +59,7 @@ def mlflow_ids(uri: str) -> tuple[str, str]:
 
 def test_prefect_and_mlflow_uis_render_the_pipeline_run(tmp_path) -> None:
     state = (tmp_path / "stack").resolve()
-    prefect_port, mlflow_port, dask_port = free_ports(3)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env |= {
-        "FISHMERGE_STACK_DIR": str(state),
-        "FISHMERGE_PREFECT_PORT": str(prefect_port),
-        "FISHMERGE_MLFLOW_PORT": str(mlflow_port),
-        "FISHMERGE_DASK_PORT": str(dask_port),
-        "FISHMERGE_STACK_GPU_WORKER": "0",
-    }
+    env, _ = stack_env(state)
     config = pipeline_config(tmp_path / "inputs")
     shots = tmp_path / "screenshots"
     try:
@@ -79,6 +72,7 @@ def test_prefect_and_mlflow_uis_render_the_pipeline_run(tmp_path) -> None:
             capture_output=True,
             text=True,
             timeout=RUN_TIMEOUT_S,
+            cwd=tmp_path,  # the run's relative folders (runs, cache) stay in the test's folder
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         summary = json.loads((tmp_path / "inputs" / "merged" / "pipeline.json").read_text())
@@ -93,7 +87,6 @@ def test_prefect_and_mlflow_uis_render_the_pipeline_run(tmp_path) -> None:
             # Prefect: the flow run page (state, graph), then its Artifacts tab.
             page.open(f"{prefect_ui}/runs/flow-run/{flow_run_id}")
             page.wait_text(flow_run_name, "Completed", "pipeline-report", "Artifacts")
-            page.screenshot(shots / "prefect_flow_run.png")
             (tab,) = page.elements("li.p-tab#artifacts")
             tab.click()
             page.wait_text(report_key, "fishmerge pipeline report", table_key, "λ candidates (fisher)")

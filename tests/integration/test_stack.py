@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
 
-from tests.integration.stack import ROOT, exports, free_ports, log_tail, pipeline_config, stack, stack_processes
+from tests.integration.stack import ROOT, exports, log_tail, pipeline_config, stack, stack_env, stack_processes
 
 PREFECT = str(ROOT / ".venv" / "bin" / "prefect") if (ROOT / ".venv" / "bin" / "prefect").exists() else "prefect"
 
@@ -93,15 +93,8 @@ def test_stack_up_deploy_run_schedule_down(tmp_path) -> None:
         print(f"stack test: {what} at {time.monotonic() - started:.1f}s", file=sys.stderr)
 
     state = (tmp_path / "stack").resolve()
-    prefect_port, mlflow_port, dask_port = free_ports(3)
-    # The test harness's PREFECT_API_URL (and any other Prefect/MLflow setting) must not reach the stack.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env, (prefect_port, mlflow_port, dask_port) = stack_env(state)
     env |= {
-        "FISHMERGE_STACK_DIR": str(state),
-        "FISHMERGE_PREFECT_PORT": str(prefect_port),
-        "FISHMERGE_MLFLOW_PORT": str(mlflow_port),
-        "FISHMERGE_DASK_PORT": str(dask_port),
-        "FISHMERGE_STACK_GPU_WORKER": "0",
         "FISHMERGE_HOME": str(ROOT),
         "PREFECT_WORKER_QUERY_SECONDS": "2",  # the worker polls every 2 s instead of 10
     }

@@ -109,14 +109,25 @@ def test_engine_matches_naive_oracle(name: str, estimator: str) -> None:
 
 @pytest.mark.parametrize("classes", [2, 3, 7, 64])
 def test_exact_weights_factor_the_softmax_covariance(classes: int) -> None:
-    """C − 1 weight vectors per example whose outer products sum to diag(p) − p pᵀ, each summing to zero
-    (so their gradient through log-softmax is the logits' Jacobian times u): uniform, random and
-    near-one-hot rows."""
+    """C − 1 weight vectors per example whose outer products sum to diag(p) − p pᵀ entry by entry
+    (relative to √(pᵢpⱼ), so a confident row's tiny entries count), each summing to zero (so their
+    gradient through log-softmax is the logits' Jacobian times u): uniform, random, near-one-hot rows
+    on the first and the last class, and rows with exact zeros."""
     from fishmerge.fisher.estimators import covariance_roots
 
     g = torch.Generator().manual_seed(classes)
+    zeros = torch.zeros(1, classes)
+    zeros[0, 1:] = -float("inf")  # p = (1, 0, …, 0): no Fisher at all
+    half = torch.full((1, classes), -float("inf"))
+    half[0, :2] = 0.0  # two classes at ½, the rest exactly 0
     logits = torch.cat(
-        [torch.zeros(1, classes), torch.randn(5, classes, generator=g) * 3, 30.0 * torch.eye(classes)[:2]]
+        [
+            torch.zeros(1, classes),
+            torch.randn(5, classes, generator=g) * 3,
+            30.0 * torch.eye(classes)[[0, classes - 1]],
+            zeros,
+            half,
+        ]
     )
     logp = torch.log_softmax(logits.double(), -1)
     roots = covariance_roots(logp)
@@ -124,8 +135,17 @@ def test_exact_weights_factor_the_softmax_covariance(classes: int) -> None:
     p = logp.exp()
     want = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     got = sum(u[:, :, None] * u[:, None, :] for u in roots)
-    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
-    assert float(max(u.sum(1).abs().max() for u in roots)) < 1e-12
+    scale = (p[:, :, None] * p[:, None, :]).sqrt()
+    assert bool(((got - want).abs() <= 1e-10 * scale + 1e-300).all())
+    assert bool(torch.isfinite(got).all())
+    size = torch.stack([u.abs().sum(1) for u in roots])
+    assert bool((torch.stack([u.sum(1) for u in roots]).abs() <= 1e-12 * size + 1e-300).all())
+    assert bool((got[-2] == 0).all())  # a one-hot row: exactly no Fisher
+    # fp32 log-probabilities (the engine's): the weights come back in fp32, still a factorization
+    roots32 = covariance_roots(logp.float())
+    assert all(u.dtype == torch.float32 for u in roots32)
+    got32 = sum(u.double()[:, :, None] * u.double()[:, None, :] for u in roots32)
+    torch.testing.assert_close(got32, want, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm-tied", "llama-cls"])

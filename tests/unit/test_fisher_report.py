@@ -22,3 +22,23 @@ def test_layer_mass_sums_and_orders_like_the_network() -> None:
     masses = layer_mass(rows)
     assert list(masses) == ["bert.embeddings", "bert.encoder.layer.2", "bert.encoder.layer.10", "classifier"]
     assert masses["bert.encoder.layer.2"] == 3.5
+
+
+def test_png_markdown_inline_by_name_or_named_when_it_cannot_be_shown(tmp_path, monkeypatch) -> None:
+    """Inline: a data: URI that decodes to the file's bytes; else the file name (report.md beside it); a
+    plot over the inline limit or unreadable is named by its path, never read unbounded."""
+    import base64
+
+    from fishmerge.fisher import report
+
+    png = tmp_path / "plot.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    inline = report.png_markdown(str(png), "a plot", inline=True)
+    assert inline.startswith("![a plot](data:image/png;base64,") and inline.endswith(")")
+    assert base64.b64decode(inline.split(",", 1)[1][:-1]) == png.read_bytes()
+    assert report.png_markdown(str(png), "a plot", inline=False) == "![a plot](plot.png)"
+    assert (
+        report.png_markdown(str(tmp_path / "gone.png"), "a plot", inline=True) == f"a plot: `{tmp_path / 'gone.png'}`"
+    )
+    monkeypatch.setattr(report, "MAX_INLINE_PNG", png.stat().st_size - 1)
+    assert report.png_markdown(str(png), "a plot", inline=True) == f"a plot: `{png}`"

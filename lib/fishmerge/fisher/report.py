@@ -10,6 +10,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from fishmerge.errors import FishmergeError
 from fishmerge.fisher.statistics import FISHER, GRAM
 from fishmerge.fisher.store import held_statistics, open_fisher_store, stored_grams
 from fishmerge.io import storage
@@ -190,7 +191,7 @@ def png_markdown(uri: str, alt: str, inline: bool) -> str:
         return f"![{alt}]({name})"
     try:
         data = storage.read_bytes(uri, MAX_INLINE_PNG)
-    except ValueError:
+    except (ValueError, OSError, FishmergeError):  # too large, changed or unreadable: named, not shown
         return f"{alt}: `{uri}`"
     return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})"
 

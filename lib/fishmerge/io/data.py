@@ -69,7 +69,7 @@ def check_columns(columns: Sequence[str], wanted: Sequence[str], what: str) -> N
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[tuple[list[int], int]]:
     """(row indices, padded width) of each batch: rows in order of length (stable), so a batch holds rows
     of similar length; the width is the batch's longest row. Not rounded up to a multiple of 8 or 16: on CPU, exact
-    widths scored the demo's rows 1.2-1.3x faster (docs/benchmarks.md)."""
+    widths scored the demo's validation rows 1.2-1.35x faster (docs/benchmarks.md)."""
     if batch_size <= 0:
         raise FishmergeError(f"batch size must be positive, got {batch_size}")
     order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable").tolist()

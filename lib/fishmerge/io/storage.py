@@ -95,16 +95,17 @@ def read_json(uri: str) -> dict | None:
 
 
 def read_bytes(uri: str, max_bytes: int) -> bytes:
-    """The whole file at `uri`, read by its size (a file over `max_bytes`, or one that changes size
-    while read, is refused: no unbounded read)."""
+    """The whole file at `uri`, read by its size. A file over `max_bytes` or one that changed size while
+    read raises ValueError (no unbounded read); an unreadable one raises FishmergeError (remote) or OSError."""
     fs, path = filesystem(uri)
     with _remote_errors(uri):
         size = fs.size(path)
-        if size is None or size > max_bytes:
-            raise ValueError(f"{uri}: {size} bytes, more than the {max_bytes} read here")
-        data = fs.cat_file(path, start=0, end=size)
+    if size is None or size > max_bytes:
+        raise ValueError(f"{uri}: {size} bytes, more than the {max_bytes} read here")
+    with _remote_errors(uri):
+        data = fs.cat_file(path, start=0, end=size + 1)  # one byte more than expected: growth shows
     if len(data) != size:
-        raise ValueError(f"{uri}: read {len(data)} of {size} bytes (the file changed while read)")
+        raise ValueError(f"{uri}: read {len(data)} bytes where it had {size} (the file changed while read)")
     return data
 
 
