@@ -186,13 +186,13 @@ def covariance_roots(logp: torch.Tensor) -> list[torch.Tensor]:
     """
     p = logp.to("cpu", torch.float64).exp()
     tail = p.flip(-1).cumsum(-1).flip(-1)  # s_k
+    below = tail.clamp(min=1e-300)  # as denominators: where a tail sum is 0, so is every numerator over it
     roots = []
     for k in range(p.shape[-1] - 1):
-        s_k, s_next = tail[:, k], tail[:, k + 1]
-        coef = torch.where(s_k > 0, p[:, k] * s_next / s_k.clamp(min=1e-300), 0.0).sqrt()
+        coef = (p[:, k] * tail[:, k + 1] / below[:, k]).sqrt()
         u = torch.zeros_like(p)
         u[:, k] = coef
-        u[:, k + 1 :] = -(coef * torch.where(s_next > 0, 1.0 / s_next.clamp(min=1e-300), 0.0))[:, None] * p[:, k + 1 :]
+        u[:, k + 1 :] = -(coef / below[:, k + 1])[:, None] * p[:, k + 1 :]
         roots.append(u.to(logp.device, logp.dtype))
     return roots
 
