@@ -60,6 +60,15 @@ def select_indices(n_rows: int, n_examples: int | None, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).permutation(n_rows)[:n_examples].tolist())
 
 
+def column_values(rows, fields: Sequence[str]) -> dict[str, list]:
+    """The rows' fields as plain lists, read in one slice: indexing a `datasets` column row by row
+    reads a table slice per row (0.1 ms each, measured: most of fingerprinting 3200 rows)."""
+    names = list(dict.fromkeys(fields))
+    if len(rows) == 0:
+        return {f: [] for f in names}
+    return rows.select_columns(names)[: len(rows)]
+
+
 def check_columns(columns: Sequence[str], wanted: Sequence[str], what: str) -> None:
     missing = [c for c in wanted if c not in columns]
     if missing:
@@ -144,21 +153,22 @@ def encode(
     if head == "causal_lm":
         fields = [messages_field] if messages_field else list(text_fields)
         check_columns(dataset.column_names, fields, "text")
-        rows = dataset.select(indices)
-        return encode_lm({f: rows[f] for f in fields}, tokenizer, text_fields, messages_field, max_length, indices)
+        return encode_lm(
+            column_values(dataset.select(indices), fields), tokenizer, text_fields, messages_field, max_length, indices
+        )
     check_columns(dataset.column_names, text_fields, "text")
     if label_field is not None:
         check_columns(dataset.column_names, [label_field], "label")
     if len(text_fields) not in (1, 2):
         raise FishmergeError(f"--text-fields takes one or two columns, got {list(text_fields)}")
-    rows = dataset.select(indices)
-    texts = [["" if t is None else str(t) for t in rows[f]] for f in text_fields]
+    columns = column_values(dataset.select(indices), [*text_fields, *([label_field] if label_field else [])])
+    texts = [["" if t is None else str(t) for t in columns[f]] for f in text_fields]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     enc = tokenizer(*texts, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
     check_unknown_rate(tokenizer, enc["input_ids"], enc["attention_mask"])
-    labels = label_values(rows[label_field], label2id, regression) if label_field else None
+    labels = label_values(columns[label_field], label2id, regression) if label_field else None
     return Encoded(
         input_ids=enc["input_ids"],
         attention_mask=enc["attention_mask"],
@@ -189,8 +199,7 @@ def check_unknown_rate(tokenizer, input_ids: torch.Tensor, attention_mask: torch
 def data_fingerprint(dataset, indices: Sequence[int], fields: Sequence[str]) -> str:
     """Content hash of the selected rows' fields (what the Fisher was computed on)."""
     h = hashlib.sha256()
-    rows = dataset.select(indices)
-    cols = {f: rows[f] for f in fields}
+    cols = column_values(dataset.select(indices), fields)
     for i, idx in enumerate(indices):
         h.update(json.dumps([int(idx), [str(cols[f][i]) for f in fields]]).encode())
     return "sha256:" + h.hexdigest()

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from fishmerge.errors import FishmergeError
 from fishmerge.io.checkpoint import resolve_device
-from fishmerge.io.data import check_columns, label_values, length_batches, load_split, pad_token_id
+from fishmerge.io.data import check_columns, column_values, label_values, length_batches, load_split, pad_token_id
 
 
 def load_eval_rows(
@@ -42,7 +42,7 @@ def load_eval_rows(
         raise FishmergeError(f"split '{split}' of '{data_path}' is empty: nothing to evaluate on")
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))
-    columns = {f: dataset[f] for f in fields}
+    columns = column_values(dataset, fields)
     return [{f: columns[f][i] for f in fields} for i in range(len(dataset))]
 
 
