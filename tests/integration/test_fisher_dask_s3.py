@@ -3,7 +3,6 @@ S3-compatible endpoint (moto's server) that the test starts on loopback and stop
 
 from __future__ import annotations
 
-import socket
 import uuid
 from dataclasses import asdict
 
@@ -17,6 +16,7 @@ from fishmerge.flows.cli import main
 from fishmerge.flows.estimate_fisher import run_estimate_fisher
 from fishmerge.io import storage
 
+from tests.integration.stack import free_ports
 from tests.integration.test_fisher_sharded import count_loads, fisher_args, rel_err, setup  # noqa: F401  (module fixture reused)
 
 
@@ -33,17 +33,11 @@ def test_flow_on_a_local_dask_cluster_with_two_worker_processes(setup, tmp_path)
     assert sorted(zarr.open_group(uri, mode="r").attrs["shards_computed_last_run"]) == [0, 1, 2, 3]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3_endpoint(monkeypatch):
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_ports(1)[0]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fishmerge-test")

@@ -14,7 +14,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from tests.conftest import WORDS, save_model_dir
 from tests.integration.conftest import pipeline_workspace
+from tests.integration.stack import free_ports
 
 KEYWORDS = {"a": "w1", "b": "w2"}  # task of model a: does the text contain w1? of b: w2?
 FILL = [w for w in WORDS[5:]]
@@ -435,12 +435,6 @@ def test_worse_run_and_broken_guard_are_rejected(first, rejected) -> None:
 # --- 4. MLflow unreachable or stopped -------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def expect_clear_failure(args: list[str], capsys, uri: str) -> str:
     capsys.readouterr()
     assert main(args) == 2
@@ -454,7 +448,7 @@ def expect_clear_failure(args: list[str], capsys, uri: str) -> str:
 
 def test_unreachable_tracking_server_fails_before_any_work(ws, capsys, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # as in a fresh `fishmerge run` process
-    uri = f"http://127.0.0.1:{free_port()}"
+    uri = f"http://127.0.0.1:{free_ports(1)[0]}"
     cfg = write_config(ws, "p-down.yaml", uri, output="out-down", register="fm-down")
     expect_clear_failure(["run", str(cfg), "--no-progress"], capsys, uri)
     assert not (ws / "out-down").exists()
@@ -463,7 +457,7 @@ def test_unreachable_tracking_server_fails_before_any_work(ws, capsys, monkeypat
 
 def test_config_tracking_uri_is_honoured_after_an_earlier_run_in_this_process(ws, first, capsys) -> None:
     assert main(["history", "fm-pipe-a", "--tracking-uri", first["uri"]]) == 0  # earlier MLflow use here
-    uri = f"http://127.0.0.1:{free_port()}"
+    uri = f"http://127.0.0.1:{free_ports(1)[0]}"
     cfg = write_config(
         ws, "p-leak.yaml", uri, output="out-leak", register="fm-leak", search=False, targets=["a"], baselines=[]
     )
@@ -476,7 +470,7 @@ def test_config_tracking_uri_is_honoured_after_an_earlier_run_in_this_process(ws
 
 def test_stopped_mlflow_server_leaves_only_complete_versions(ws, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # as in a fresh `fishmerge run` process
-    port = free_port()
+    port = free_ports(1)[0]
     uri = f"http://127.0.0.1:{port}"
     db, artifacts = tmp_path / "server.db", tmp_path / "server-artifacts"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

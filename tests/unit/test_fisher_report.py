@@ -42,3 +42,24 @@ def test_png_markdown_inline_by_name_or_named_when_it_cannot_be_shown(tmp_path, 
     )
     monkeypatch.setattr(report, "MAX_INLINE_PNG", png.stat().st_size - 1)
     assert report.png_markdown(str(png), "a plot", inline=True) == f"a plot: `{png}`"
+
+
+def test_inline_plots_share_one_budget(tmp_path, monkeypatch) -> None:
+    """An artifact's plots are inlined while their total stays within MAX_INLINE_PNGS; the rest are
+    named by their paths (the artifact stays bounded however many plots a run makes)."""
+    import base64
+    import re
+
+    from fishmerge.fisher import report
+    from fishmerge.pipeline.report import report_markdown
+
+    plots = []
+    for i in range(3):
+        plots.append(tmp_path / f"plot_{i}.png")
+        plots[-1].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes([i]) * 1000)
+    monkeypatch.setattr(report, "MAX_INLINE_PNGS", 2100)  # room for two plots of 1008 bytes, not three
+    md = report_markdown("run", "isotropic", ["a", "b"], [0.5, 0.5], {}, {}, {}, {}, [str(p) for p in plots], None, True)
+    shown = re.findall(r"\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", md)
+    assert [base64.b64decode(s) for s in shown] == [p.read_bytes() for p in plots[:2]]
+    assert f"plot 2: `{plots[2]}`" in md
+    assert report.png_markdown(str(plots[0]), "p", inline=True, limit=1007) == f"p: `{plots[0]}`"

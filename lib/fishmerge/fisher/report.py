@@ -180,17 +180,18 @@ def plot_layer_mass(rows: list[dict], title: str, out_uri: str) -> str:
 
 
 MAX_INLINE_PNG = 4 * 2**20  # a plot larger than this is linked, not inlined
+MAX_INLINE_PNGS = 16 * 2**20  # the plots of one artifact together: past it, the rest are linked
 
 
-def png_markdown(uri: str, alt: str, inline: bool) -> str:
+def png_markdown(uri: str, alt: str, inline: bool, limit: int = MAX_INLINE_PNG) -> str:
     """A markdown image of a PNG plot. Inline, as a data: URI, for a Prefect artifact (the UI shows it
     without access to the file, which may be on another machine); else by its file name, for a
-    report written beside the plot. A plot too large to inline is named by its path instead."""
+    report written beside the plot. A plot larger than `limit` bytes is named by its path instead."""
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     if not inline:
         return f"![{alt}]({name})"
     try:
-        data = storage.read_bytes(uri, MAX_INLINE_PNG)
+        data = storage.read_bytes(uri, min(limit, MAX_INLINE_PNG))
     except (ValueError, OSError, FishmergeError):  # too large, changed or unreadable: named, not shown
         return f"{alt}: `{uri}`"
     return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})"

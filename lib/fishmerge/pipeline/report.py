@@ -180,7 +180,7 @@ def report_markdown(
 ) -> str:
     """The pipeline run as one page: chosen λ, the results table, promotion decisions, candidates, the
     plots (by file name for report.md beside them; inline for the Prefect artifact)."""
-    from fishmerge.fisher.report import png_markdown
+    from fishmerge.fisher.report import MAX_INLINE_PNGS, png_markdown
 
     lam = ", ".join(f"{n}={w:.3f}" for n, w in zip(model_names, weights))
     if method in searches and varied_params(searches[method]):
@@ -195,7 +195,11 @@ def report_markdown(
     )
     out_rows = "\n".join(f"| {t} | `{p}` |" for t, p in outputs.items())
     cand = "\n\n".join(f"### {label}\n{candidates_table(s, model_names)}" for label, s in searches.items())
-    pics = "\n\n".join(png_markdown(p, Path(p).stem.replace("_", " "), inline_plots) for p in plots)
+    pictures, budget = [], MAX_INLINE_PNGS  # inline plots share one budget: the artifact stays bounded
+    for p in plots:
+        pictures.append(png_markdown(p, Path(p).stem.replace("_", " "), inline_plots, max(budget, 0)))
+        budget -= len(pictures[-1]) * 3 // 4  # base64 carries 3 bytes in 4 characters
+    pics = "\n\n".join(pictures)
     return f"""# fishmerge pipeline: {name}
 
 Method **{method}**, chosen λ: {lam}.
