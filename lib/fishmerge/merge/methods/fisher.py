@@ -96,5 +96,8 @@ class Fisher(MergeMethod):
             diff *= wf
             num += diff
         # Σλ·F̃ = 0 happens with favor_target when the target's λ is 0 and no other model has mass
-        # there (e.g. vocabulary rows never seen): keep the target's value instead of 0/0.
-        return anchor + np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+        # there (e.g. vocabulary rows never seen): keep the target's value instead of 0/0 (there every
+        # weight is 0, so num is 0 too and stays so). In place: no new arrays of the tensor's size.
+        np.divide(num, den, out=num, where=den > 0)
+        num += anchor
+        return num
