@@ -58,7 +58,9 @@ def test_inline_plots_share_one_budget(tmp_path, monkeypatch) -> None:
         plots.append(tmp_path / f"plot_{i}.png")
         plots[-1].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes([i]) * 1000)
     monkeypatch.setattr(report, "MAX_INLINE_PNGS", 2100)  # room for two plots of 1008 bytes, not three
-    md = report_markdown("run", "isotropic", ["a", "b"], [0.5, 0.5], {}, {}, {}, {}, [str(p) for p in plots], None, True)
+    md = report_markdown(
+        "run", "isotropic", ["a", "b"], [0.5, 0.5], {}, {}, {}, {}, [str(p) for p in plots], None, True
+    )
     shown = re.findall(r"\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", md)
     assert [base64.b64decode(s) for s in shown] == [p.read_bytes() for p in plots[:2]]
     assert f"plot 2: `{plots[2]}`" in md
