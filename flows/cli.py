@@ -427,26 +427,43 @@ def _exit_without_teardown(status: list[int]) -> None:
     """The last exit handler: every other one has run (Prefect's log and event drains, a temporary
     server's stop, logging's flush) and non-daemon threads were joined before them; the process then
     ends without the interpreter tearing down the modules it imported (torch, transformers, Prefect:
-    0.7–1.7 s of CPU on the 2-core machine, docs/benchmarks.md). Files are written and closed by then."""
+    0.7–1.7 s of CPU on the 2-core machine, docs/benchmarks.md). Files are written and closed by then.
+    A result that cannot be written to stdout (closed pipe, full disk) fails the command (120, as
+    Python's own exit would), never a silent 0."""
     import logging
 
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError) as exc:
+        if status[0] == 0:
+            status[0] = 120
+            try:
+                print(f"fishmerge: error: could not write the result to stdout: {exc}", file=sys.stderr)
+            except (OSError, ValueError):
+                pass
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
     os._exit(status[0])
 
 
 def run() -> None:
-    """The `fishmerge` console command: `main`, then a fast exit with its status (`_exit_without_teardown`)."""
+    """The `fishmerge` console command only (it decides how the whole process ends): `main`, then a
+    fast exit with its status (`_exit_without_teardown`). FISHMERGE_NO_FAST_EXIT=1 keeps Python's own
+    exit, for tools that hook the interpreter's end (coverage of subprocesses, tracing exporters)."""
     status = [1]
-    atexit.register(_exit_without_teardown, status)  # registered first: runs after every later handler
+    if not os.environ.get("FISHMERGE_NO_FAST_EXIT"):
+        atexit.register(_exit_without_teardown, status)  # registered first: runs after every later handler
     try:
         status[0] = main()
     except SystemExit as exc:  # argparse: --help, --version, a bad flag
-        status[0] = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, int) or exc.code is None:
+            status[0] = exc.code or 0
+        else:  # a message, as Python itself would print it
+            print(exc.code, file=sys.stderr)
+            status[0] = 1
     except KeyboardInterrupt:
         print("fishmerge: interrupted", file=sys.stderr)
         status[0] = 130

@@ -180,7 +180,7 @@ def plot_layer_mass(rows: list[dict], title: str, out_uri: str) -> str:
 
 
 MAX_INLINE_PNG = 4 * 2**20  # a plot larger than this is linked, not inlined
-MAX_INLINE_PNGS = 16 * 2**20  # the plots of one artifact together: past it, the rest are linked
+MAX_INLINE_PNGS = 16 * 2**20  # the plots of one artifact together: a plot that no longer fits is linked
 
 
 def png_markdown(uri: str, alt: str, inline: bool, limit: int = MAX_INLINE_PNG) -> str:

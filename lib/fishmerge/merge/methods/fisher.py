@@ -96,8 +96,11 @@ class Fisher(MergeMethod):
             diff *= wf
             num += diff
         # Σλ·F̃ = 0 happens with favor_target when the target's λ is 0 and no other model has mass
-        # there (e.g. vocabulary rows never seen): keep the target's value instead of 0/0 (there every
-        # weight is 0, so num is 0 too and stays so). In place: no new arrays of the tensor's size.
-        np.divide(num, den, out=num, where=den > 0)
+        # there (e.g. vocabulary rows never seen): keep the target's value instead of 0/0. Every weight
+        # is 0 there, so num is too — unless a difference overflowed (0·inf): set to 0 all the same.
+        # In place: no new float arrays of the tensor's size.
+        live = den > 0
+        np.divide(num, den, out=num, where=live)
+        np.copyto(num, np.float32(0), where=~live)
         num += anchor
         return num
