@@ -9,9 +9,10 @@ memory and scored (`search`). The Fishers and Grams are the demo's own stores: r
                                    [--methods isotropic,fisher] [--json out.json]
 
 The set-up below repeats `fishmerge.pipeline.baselines.cached_search` (scoring sizes, Scorer, candidate
-pairs) without its cache; keep the two in step. Only the APIs that are unchanged since before length-batched scoring are used (MergeConfig loading,
-`baselines.method_plan`, `Scorer`, `load_inputs`, `candidates`, `search`), so the same script times an
-older checkout: `PYTHONPATH=<worktree>/lib python benchmarks/search_cost.py ...`.
+pairs) without its cache; keep the two in step. Only the APIs that are unchanged since before
+length-batched scoring are used (MergeConfig loading, `baselines.method_plan`, `Scorer`, `load_inputs`,
+`candidates`, `search`), so the same script times an older checkout:
+`PYTHONPATH=<worktree>/lib python benchmarks/search_cost.py ...`.
 """
 
 from __future__ import annotations
