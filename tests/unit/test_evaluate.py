@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from fishmerge.errors import FishmergeError
-from fishmerge.io.data import length_batches
+from fishmerge.io.data import BATCH_COST_TOKENS, length_batches
 from fishmerge.pipeline.evaluation import (
     accuracy,
     class_probabilities,
@@ -119,13 +119,45 @@ def test_length_batches_group_rows_of_similar_length() -> None:
     lengths = [40, 3, 17, 64, 16, 5, 33, 3, 70]
     batches = length_batches(lengths, 4)
     assert sorted(i for idx, _ in batches for i in idx) == list(range(len(lengths)))  # every row once
-    assert [idx for idx, _ in batches] == [[1, 7, 5, 4], [2, 6, 0, 3], [8]]  # by length, ties in row order
-    assert [w for _, w in batches] == [16, 64, 70]  # each batch as wide as its longest row, no rounding
+    flat = [i for idx, _ in batches for i in idx]
+    assert flat == [1, 7, 5, 4, 2, 6, 0, 3, 8]  # by length, ties in row order
+    assert all(len(idx) <= 4 for idx, _ in batches)
+    assert all(w == max(lengths[i] for i in idx) for idx, w in batches)  # as wide as its longest row, no rounding
     assert [w for _, w in length_batches([1, 2], 8)] == [2]
     assert [w for _, w in length_batches([0, 0], 4)] == [1]  # never an empty width
     assert length_batches([], 4) == []
     with pytest.raises(FishmergeError, match="batch size must be positive"):
         length_batches(lengths, 0)
+
+
+def _cut_cost(batches) -> int:
+    return sum(len(idx) * w + BATCH_COST_TOKENS for idx, w in batches)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_batches_cut_is_the_cheapest(seed) -> None:
+    """Oracle: every way of cutting the sorted rows into consecutive batches of at most batch_size rows,
+    enumerated; the chosen cut costs the least padded tokens + BATCH_COST_TOKENS per batch."""
+    rng = np.random.default_rng(seed)
+    n, batch_size = int(rng.integers(1, 11)), int(rng.integers(1, 6))
+    lengths = rng.integers(0, [8, 200][seed % 2], size=n).tolist()
+    got = length_batches(lengths, batch_size)
+    assert sorted(i for idx, _ in got for i in idx) == list(range(n))
+    assert all(1 <= len(idx) <= batch_size for idx, _ in got)
+    widths = sorted(max(1, x) for x in lengths)
+    best = None
+    for mask in range(2 ** (n - 1)):  # bit k set: a cut after the (k+1)-th shortest row
+        ends = [k + 1 for k in range(n - 1) if mask >> k & 1] + [n]
+        starts = [0] + ends[:-1]
+        if any(e - s > batch_size for s, e in zip(starts, ends)):
+            continue
+        cost = sum((e - s) * widths[e - 1] + BATCH_COST_TOKENS for s, e in zip(starts, ends))
+        best = cost if best is None else min(best, cost)
+    assert _cut_cost(got) == best
+    equal = [
+        (list(range(s, min(s + batch_size, n))), widths[min(s + batch_size, n) - 1]) for s in range(0, n, batch_size)
+    ]
+    assert _cut_cost(got) <= _cut_cost(equal)
 
 
 def oracle_perplexity(model, tok, texts, max_length) -> float:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from fishmerge.errors import FishmergeError
 from fishmerge.io.checkpoint import resolve_device
 from fishmerge.io.data import check_columns, column_values, label_values, length_batches, load_split, pad_token_id
+from fishmerge.pipeline.first_position import first_position_only
 
 
 def load_eval_rows(
@@ -90,7 +91,9 @@ def class_probabilities(
 ) -> np.ndarray:
     """Softmax probabilities (n, C) of a *ForSequenceClassification model; pairs when two text fields.
 
-    The model is moved to `device` and put in eval mode. Softmax in fp32 whatever the model dtype.
+    The model is moved to `device` and put in eval mode. Softmax in fp32 whatever the model dtype. A
+    BERT-family classifier computes its last layer for the one position its head reads
+    (`fishmerge.pipeline.first_position`).
     """
     dev = _device(device)
     texts = _texts(rows, text_fields)
@@ -101,7 +104,7 @@ def class_probabilities(
     model.to(dev).eval()
     out: np.ndarray | None = None
     batches = length_batches(lengths, batch_size)
-    with torch.inference_mode():
+    with torch.inference_mode(), first_position_only(model):
         for idx, width in _progress(batches, progress, "evaluate"):
             batch = {k: _pad_rows([enc[k][i] for i in idx], width, pads[k], dev) for k in fields}
             # the mask from the rows' lengths, whatever the tokenizer returns: padding is never attended

@@ -1,0 +1,108 @@
+"""The first-position last layer against each model's own full forward (the oracle), per architecture and
+attention kernel, on padded batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from fishmerge.pipeline.first_position import FirstPositionLayer, first_position_only
+
+SMALL = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=48,
+    initializer_range=0.3,
+    num_labels=3,
+)
+
+ARCHS = {
+    "bert": lambda: tf.BertForSequenceClassification(tf.BertConfig(pad_token_id=0, **SMALL)),
+    "roberta": lambda: tf.RobertaForSequenceClassification(tf.RobertaConfig(pad_token_id=1, **SMALL)),
+    "xlm-roberta": lambda: tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(pad_token_id=1, **SMALL)),
+    "camembert": lambda: tf.CamembertForSequenceClassification(tf.CamembertConfig(pad_token_id=1, **SMALL)),
+    "electra": lambda: tf.ElectraForSequenceClassification(
+        tf.ElectraConfig(pad_token_id=0, embedding_size=16, **SMALL)
+    ),
+}
+
+
+def padded_batch(pad: int, seed: int = 0) -> dict:
+    """Five rows of lengths 3..40 right-padded to 40, pairs' token types set on the second half."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [40, 3, 17, 9, 25]
+    ids = torch.full((5, 40), pad, dtype=torch.long)
+    mask = torch.zeros(5, 40, dtype=torch.long)
+    types = torch.zeros(5, 40, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(3, 97, (n,), generator=g)
+        mask[i, :n] = 1
+        types[i, n // 2 : n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def build(arch: str, attn: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = ARCHS[arch]()
+    model.config._attn_implementation = attn
+    return model.eval()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_first_position_equals_the_full_forward(arch, attn) -> None:
+    model = build(arch, attn)
+    batch = padded_batch(model.config.pad_token_id)
+    seen = []
+    last = model.base_model.encoder.layer[-1]
+    hook = last.intermediate.dense.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    with torch.inference_mode():
+        want = model(**batch).logits
+        with first_position_only(model) as on:
+            assert on
+            assert isinstance(model.base_model.encoder.layer[-1], FirstPositionLayer)
+            got = model(**batch).logits
+    hook.remove()
+    assert seen == [(5, 40, 32), (5, 1, 32)]  # the feed-forward really ran on one position the second time
+    assert model.base_model.encoder.layer[-1] is last  # put back
+    assert want.abs().max() > 0.1 and want[:, 0].std() > 1e-3  # rows differ: the comparison is not vacuous
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+def test_unpadded_batch_and_a_single_row() -> None:
+    """No padding (SDPA then gets no mask) and a batch of one row."""
+    model = build("bert", "sdpa")
+    batch = {k: v[:1] for k, v in padded_batch(0).items()}  # the 40-token row, no padding
+    with torch.inference_mode():
+        want = model(**batch).logits
+        with first_position_only(model):
+            got = model(**batch).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+def test_other_models_and_training_mode_run_their_own_forward() -> None:
+    distil = tf.DistilBertForSequenceClassification(
+        tf.DistilBertConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=48)
+    ).eval()
+    with first_position_only(distil) as on:
+        assert not on
+    bert = build("bert", "sdpa").train()
+    with first_position_only(bert) as on:
+        assert not on
+        assert not isinstance(bert.base_model.encoder.layer[-1], FirstPositionLayer)
+    token_cls = tf.BertForTokenClassification(tf.BertConfig(pad_token_id=0, **SMALL)).eval()
+    with first_position_only(token_cls) as on:  # reads every position: never cut
+        assert not on
+
+
+def test_the_layer_is_put_back_after_an_error() -> None:
+    model = build("roberta", "eager")
+    last = model.base_model.encoder.layer[-1]
+    keys = list(model.state_dict())
+    with pytest.raises(RuntimeError, match="boom"), first_position_only(model):
+        raise RuntimeError("boom")
+    assert model.base_model.encoder.layer[-1] is last
+    assert list(model.state_dict()) == keys
