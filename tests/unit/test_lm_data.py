@@ -150,7 +150,8 @@ def test_non_finite_lm_outputs_are_never_scored() -> None:
     model = build("llama-lm", seed=2)
     with torch.no_grad():
         model.lm_head.weight[5] = float("nan")
-    with pytest.raises(FishmergeError, match=r"NaN/Inf logits on row\(s\) \[[012](, [012])*\]"):  # the first batch's rows
+    first_batch_rows = r"NaN/Inf logits on row\(s\) \[[012](, [012])*\]"
+    with pytest.raises(FishmergeError, match=first_batch_rows):
         lm_token_logprobs(model, tok, pairs(3, seed=4), ["prompt", "response"], None, 2, 12, progress=False)
     with pytest.raises(FishmergeError, match="perplexity overflows"):
         lm_metrics(np.array([-800.0]))

@@ -35,6 +35,7 @@ from fishmerge.pipeline.evaluation import (
     lm_token_logprobs,
     load_eval_rows,
 )
+from fishmerge.pipeline.huge_pages import numpy_small_pages
 from fishmerge.pipeline.metrics import CAUSAL_LM, call_scorer, check_applies, get_metric, key_name, task_kind
 from fishmerge.schema import Strict
 
@@ -312,25 +313,26 @@ def search(
 
     pairs = [(lam, p, inputs_for(p)) for lam, p in zip(lambdas, params or [None] * len(lambdas))]
     bar = tqdm(total=len(pairs), desc=desc, unit="cand", disable=not progress)
-    if workers <= 1:
-        results = []
-        for lam, p, inp in pairs:
-            results.append(score_candidate(scorer, inp, lam, metric, p))
-            bar.update(1)
-    else:
-        scorers = [scorer] + [scorer.copy() for _ in range(workers - 1)]
-        chunks = [pairs[i::workers] for i in range(workers)]
-
-        def run(i: int) -> list[tuple[int, dict]]:
-            out = []
-            for j, (lam, p, inp) in enumerate(chunks[i]):
-                out.append((i + j * workers, score_candidate(scorers[i], inp, lam, metric, p)))
+    with numpy_small_pages():  # every candidate merged into fresh arrays: see fishmerge.pipeline.huge_pages
+        if workers <= 1:
+            results = []
+            for lam, p, inp in pairs:
+                results.append(score_candidate(scorer, inp, lam, metric, p))
                 bar.update(1)
-            return out
+        else:
+            scorers = [scorer] + [scorer.copy() for _ in range(workers - 1)]
+            chunks = [pairs[i::workers] for i in range(workers)]
 
-        with ThreadPoolExecutor(workers) as pool:
-            flat = [r for part in pool.map(run, range(workers)) for r in part]
-        results = [r for _, r in sorted(flat, key=lambda x: x[0])]
+            def run(i: int) -> list[tuple[int, dict]]:
+                out = []
+                for j, (lam, p, inp) in enumerate(chunks[i]):
+                    out.append((i + j * workers, score_candidate(scorers[i], inp, lam, metric, p)))
+                    bar.update(1)
+                return out
+
+            with ThreadPoolExecutor(workers) as pool:
+                flat = [r for part in pool.map(run, range(workers)) for r in part]
+            results = [r for _, r in sorted(flat, key=lambda x: x[0])]
     bar.close()
     scores = [r["score"] for r in results]
     higher = get_metric(metric).higher_is_better
