@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
-from fishmerge.pipeline.first_position import FirstPositionLayer, first_position_only
+from fishmerge.forward.first_position import FirstPositionLayer, first_position_only
 
 SMALL = dict(
     vocab_size=97,
@@ -106,3 +106,23 @@ def test_the_layer_is_put_back_after_an_error() -> None:
         raise RuntimeError("boom")
     assert model.base_model.encoder.layer[-1] is last
     assert list(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize(("statistics", "rows_seen"), [(("fisher",), 1), (("fisher", "gram"), 40)])
+def test_fisher_estimation_cuts_the_last_layer_unless_grams_are_asked(statistics, rows_seen) -> None:
+    """The Fisher's values are checked against the naive full-forward oracle in test_fisher_oracle.py; here,
+    that the estimation really runs the cut layer (Grams read every token's input, so they keep it whole)."""
+    from fishmerge.fisher.engine import FisherAccumulator
+
+    model = build("bert", "sdpa")
+    batch = padded_batch(0) | {"labels": torch.tensor([0, 1, 2, 0, 1])}
+    seen = []
+    hook = model.base_model.encoder.layer[-1].intermediate.dense.register_forward_hook(
+        lambda m, i, o: seen.append(i[0].shape[1])
+    )
+    with FisherAccumulator(model, "exact", statistics=statistics) as acc:
+        acc.add_batch(batch, list(range(5)))
+    hook.remove()
+    assert seen == [rows_seen]
+    assert not isinstance(model.base_model.encoder.layer[-1], FirstPositionLayer)
+    assert float(acc.fisher()["bert.encoder.layer.2.intermediate.dense.weight"].sum()) > 0

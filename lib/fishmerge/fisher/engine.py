@@ -34,6 +34,7 @@ from fishmerge.fisher.rules import (
     rule_for,
 )
 from fishmerge.fisher.statistics import FISHER, GRAM, STATISTICS, check_statistics  # noqa: F401  (re-exported)
+from fishmerge.forward.first_position import first_position_only
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
 
@@ -184,8 +185,11 @@ class FisherAccumulator:
             raise FishmergeError(f"got {len(example_ids)} example ids for a batch of {n}")
         self._calls = []
         self._recording = True
+        # A classifier's last layer for position 0 only: the other positions' queries and feed-forward get
+        # no gradient, so the Fisher is the same. Grams read every token's input, so they keep the full layer.
+        cut = first_position_only(self.model) if self._grams is None else contextlib.nullcontext()
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), cut:
                 out = self.model(**self._input_plan.inputs(batch))
         finally:
             self._recording = False

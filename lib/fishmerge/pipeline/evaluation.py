@@ -16,9 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fishmerge.errors import FishmergeError
+from fishmerge.forward.first_position import first_position_only
 from fishmerge.io.checkpoint import resolve_device
 from fishmerge.io.data import check_columns, column_values, label_values, length_batches, load_split, pad_token_id
-from fishmerge.pipeline.first_position import first_position_only
 
 
 def load_eval_rows(
@@ -93,7 +93,7 @@ def class_probabilities(
 
     The model is moved to `device` and put in eval mode. Softmax in fp32 whatever the model dtype. A
     BERT-family classifier computes its last layer for the one position its head reads
-    (`fishmerge.pipeline.first_position`).
+    (`fishmerge.forward.first_position`).
     """
     dev = _device(device)
     texts = _texts(rows, text_fields)
