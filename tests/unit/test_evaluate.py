@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from fishmerge.errors import FishmergeError
-from fishmerge.io.data import BATCH_COST_TOKENS, length_batches
+from fishmerge.io.data import BATCH_COST_TOKENS, batch_cost_for, length_batches
 from fishmerge.pipeline.evaluation import (
     accuracy,
     class_probabilities,
@@ -158,6 +158,17 @@ def test_length_batches_cut_is_the_cheapest(seed) -> None:
         (list(range(s, min(s + batch_size, n))), widths[min(s + batch_size, n) - 1]) for s in range(0, n, batch_size)
     ]
     assert _cut_cost(got) <= _cut_cost(equal)
+    # without a batch cost (accelerators): the fewest batches, and among those the least padding
+    fewest = length_batches(lengths, batch_size, batch_cost=None)
+    assert len(fewest) == len(equal)
+    assert sum(len(i) * w for i, w in fewest) <= sum(len(i) * w for i, w in equal)
+    assert sorted(i for idx, _ in fewest for i in idx) == list(range(n))
+
+
+def test_batch_cost_by_device() -> None:
+    assert batch_cost_for("cpu") == BATCH_COST_TOKENS
+    assert batch_cost_for(torch.device("cpu")) == BATCH_COST_TOKENS
+    assert batch_cost_for("cuda:0") is None  # a device object only: no GPU needed
 
 
 def oracle_perplexity(model, tok, texts, max_length) -> float:

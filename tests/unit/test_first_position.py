@@ -126,3 +126,55 @@ def test_fisher_estimation_cuts_the_last_layer_unless_grams_are_asked(statistics
     assert seen == [rows_seen]
     assert not isinstance(model.base_model.encoder.layer[-1], FirstPositionLayer)
     assert float(acc.fisher()["bert.encoder.layer.2.intermediate.dense.weight"].sum()) > 0
+
+
+def test_one_model_in_two_threads_is_put_back_when_the_last_leaves() -> None:
+    """Two callers inside at once on one model (a caller's own threads): the layer is cut once, stays cut
+    while either is inside, and is whole again after both, whichever leaves first."""
+    import threading
+
+    model = build("bert", "sdpa")
+    last = model.base_model.encoder.layer[-1]
+    batch = padded_batch(0)
+    with torch.inference_mode():
+        want = model(**batch).logits
+    inside, first_out, results = threading.Barrier(2), threading.Event(), {}
+
+    def caller(name: str) -> None:
+        with torch.inference_mode(), first_position_only(model) as on:
+            inside.wait()
+            if name == "b":
+                first_out.wait()  # "a" has left: "b" still sees the cut layer
+            results[name] = (on, type(model.base_model.encoder.layer[-1]), model(**batch).logits)
+        if name == "a":
+            first_out.set()
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for on, layer_type, got in results.values():
+        assert on and layer_type is FirstPositionLayer
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    assert model.base_model.encoder.layer[-1] is last
+    assert not isinstance(last, FirstPositionLayer)
+
+
+def test_not_cut_when_the_full_forward_would_differ() -> None:
+    """Hidden states or attentions asked for by the config; a submodule left in training mode (its dropout
+    would run); a class that only shares transformers' name."""
+    hidden = build("bert", "sdpa")
+    hidden.config.output_hidden_states = True
+    attentions = build("roberta", "eager")
+    attentions.config.output_attentions = True
+    dropout_on = build("bert", "sdpa")
+    dropout_on.base_model.encoder.layer[-1].output.dropout.train()
+    impostor_type = type("BertForSequenceClassification", (tf.BertForSequenceClassification,), {})
+    impostor_type.__module__ = "someones_remote_code"
+    torch.manual_seed(0)
+    impostor = impostor_type(tf.BertConfig(pad_token_id=0, **SMALL)).eval()
+    for model in (hidden, attentions, dropout_on, impostor):
+        with first_position_only(model) as on:
+            assert not on
+            assert not isinstance(model.base_model.encoder.layer[-1], FirstPositionLayer)

@@ -9,11 +9,14 @@ import pytest
 from fishmerge.pipeline.huge_pages import numpy_small_pages
 from numpy._core.multiarray import _set_madvise_hugepage
 
+_reading = threading.Lock()
+
 
 def advice() -> bool:
-    """numpy's current setting, read by setting it and putting it back."""
-    value = _set_madvise_hugepage(True)
-    _set_madvise_hugepage(value)
+    """numpy's current setting, read by setting it and putting it back (one reader at a time)."""
+    with _reading:
+        value = _set_madvise_hugepage(True)
+        _set_madvise_hugepage(value)
     return value
 
 

@@ -12,6 +12,8 @@ eval mode with eager or SDPA attention; any other model runs its own forward unc
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -55,12 +57,17 @@ class FirstPositionLayer(torch.nn.Module):
 
 
 def applies(model: torch.nn.Module) -> bool:
-    """Whether `model` is a supported classifier in a state where the first-position forward equals its own."""
+    """Whether `model` is a supported transformers classifier in a state where the first-position forward
+    gives its own logits: eval mode throughout, no decoder or cross-attention, no feed-forward chunking,
+    eager or SDPA attention, and no hidden states or attentions asked for by its config (the cut layer
+    returns one position and no attention weights)."""
     config = getattr(model, "config", None)
     layer_class = SUPPORTED.get(type(model).__name__)
-    if layer_class is None or config is None or model.training:
+    if layer_class is None or config is None or not type(model).__module__.startswith("transformers.models."):
         return False
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return False
+    if getattr(config, "output_hidden_states", False) or getattr(config, "output_attentions", False):
         return False
     if getattr(config, "chunk_size_feed_forward", 0) or getattr(config, "_attn_implementation", None) not in (
         "eager",
@@ -68,20 +75,42 @@ def applies(model: torch.nn.Module) -> bool:
     ):
         return False
     layers = getattr(getattr(getattr(model, "base_model", None), "encoder", None), "layer", None)
-    return isinstance(layers, torch.nn.ModuleList) and len(layers) > 0 and type(layers[-1]).__name__ == layer_class
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        return False
+    last = layers[-1]
+    if isinstance(last, FirstPositionLayer):  # another caller has cut it already (the same model in two threads)
+        return True
+    return (
+        type(last).__name__ == layer_class
+        and hasattr(getattr(getattr(last, "attention", None), "self", None), "scaling")
+        and not any(m.training for m in model.modules())
+    )
+
+
+_lock = threading.Lock()
+_users: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> callers inside the context now
 
 
 @contextmanager
 def first_position_only(model: torch.nn.Module) -> Iterator[bool]:
     """While inside, a supported classifier computes its last layer for position 0 only (yields True);
-    any other model is left as it is (yields False). The layer is put back on the way out, error or not."""
-    if not applies(model):
-        yield False
-        return
-    layers = model.base_model.encoder.layer
-    last = layers[-1]
-    layers[-1] = FirstPositionLayer(last)
+    any other model is left as it is (yields False). The layer is put back when the last caller using this
+    model leaves, error or not. Do not ask the model for hidden states or attentions inside."""
+    with _lock:
+        if not applies(model):
+            on = False
+        else:
+            on = True
+            layers = model.base_model.encoder.layer
+            if _users.get(model, 0) == 0 and not isinstance(layers[-1], FirstPositionLayer):
+                layers[-1] = FirstPositionLayer(layers[-1])
+            _users[model] = _users.get(model, 0) + 1
     try:
-        yield True
+        yield on
     finally:
-        layers[-1] = last
+        if on:
+            with _lock:
+                _users[model] -= 1
+                layers = model.base_model.encoder.layer
+                if _users[model] == 0 and isinstance(layers[-1], FirstPositionLayer):
+                    layers[-1] = layers[-1].layer

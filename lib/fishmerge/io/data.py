@@ -76,28 +76,40 @@ def check_columns(columns: Sequence[str], wanted: Sequence[str], what: str) -> N
 
 
 BATCH_COST_TOKENS = 64
-"""What one more batch costs, in padded tokens: `length_batches` cuts where a batch would pad more than
-this. Measured on CPU (MiniLM-L6, the demo's 500 Debate validation rows, batch size 64, last layer for
+"""What one more batch costs on CPU, in padded tokens: `length_batches` cuts where a batch would pad more
+than this. Measured on CPU (MiniLM-L6, the demo's 500 Debate validation rows, batch size 64, last layer for
 [CLS] only): 1.15x faster than equal batches of 64, 1.04x faster than equal batches of 32
-(docs/benchmarks.md)."""
+(docs/benchmarks.md). Not measured on GPUs, where a batch costs far more: there the cut keeps the fewest
+batches (`batch_cost_for`)."""
 
 
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[tuple[list[int], int]]:
+def batch_cost_for(device: torch.device | str) -> int | None:
+    """The cost of one more batch for `length_batches` on `device`: BATCH_COST_TOKENS on CPU; None (the
+    fewest batches, each as narrow as they allow) elsewhere."""
+    return BATCH_COST_TOKENS if torch.device(device).type == "cpu" else None
+
+
+def length_batches(
+    lengths: Sequence[int], batch_size: int, batch_cost: int | None = BATCH_COST_TOKENS
+) -> list[tuple[list[int], int]]:
     """(row indices, padded width) of each batch: rows in order of length (stable), cut into batches of at
-    most `batch_size` rows where the cuts minimise padded tokens + BATCH_COST_TOKENS per batch (dynamic
+    most `batch_size` rows where the cuts minimise padded tokens + `batch_cost` per batch (dynamic
     programming over the sorted rows), so rows of similar length share a batch and a long row does not
-    widen a batch of short ones. The width is the batch's longest row, not rounded up to a multiple of 8
-    or 16: on CPU, exact widths scored the demo's validation rows 1.2-1.35x faster (docs/benchmarks.md)."""
+    widen a batch of short ones; `batch_cost` None keeps the fewest batches. The width is the batch's
+    longest row, not rounded up to a multiple of 8 or 16: on CPU, exact widths scored the demo's
+    validation rows 1.2-1.35x faster (docs/benchmarks.md)."""
     if batch_size <= 0:
         raise FishmergeError(f"batch size must be positive, got {batch_size}")
     order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
     widths = np.maximum(1, np.asarray(lengths, dtype=np.int64)[order]) if len(order) else np.zeros(0, np.int64)
     n = len(order)
+    if batch_cost is None:  # more than any cut could save in padding: the fewest batches
+        batch_cost = int(widths.sum()) * batch_size + 1 if n else 1
     cost = np.zeros(n + 1, dtype=np.int64)  # cost[j]: the cheapest cut of the j shortest rows
     start = np.zeros(n + 1, dtype=np.int64)  # where the last batch of that cut starts
     for j in range(1, n + 1):
         i = np.arange(max(0, j - batch_size), j)
-        options = cost[i] + (j - i) * widths[j - 1] + BATCH_COST_TOKENS
+        options = cost[i] + (j - i) * widths[j - 1] + batch_cost
         k = int(np.argmin(options))  # the first minimum: the largest batch on ties
         cost[j], start[j] = options[k], i[k]
     cuts, j = [], n
@@ -126,7 +138,7 @@ class Encoded:
         (`length_batches`), each batch cut to its own width, so no batch computes over the padding the
         longest row of the whole selection needs. Rows are right-padded, so the mask's sum is a row's length."""
         lengths = self.attention_mask.sum(1).tolist()
-        for idx, width in length_batches(lengths, batch_size):
+        for idx, width in length_batches(lengths, batch_size, batch_cost_for(device)):
             rows = torch.tensor(idx, dtype=torch.long)
             batch = {"input_ids": self.input_ids[rows, :width], "attention_mask": self.attention_mask[rows, :width]}
             if self.token_type_ids is not None:

@@ -18,7 +18,15 @@ from tqdm.auto import tqdm
 from fishmerge.errors import FishmergeError
 from fishmerge.forward.first_position import first_position_only
 from fishmerge.io.checkpoint import resolve_device
-from fishmerge.io.data import check_columns, column_values, label_values, length_batches, load_split, pad_token_id
+from fishmerge.io.data import (
+    batch_cost_for,
+    check_columns,
+    column_values,
+    label_values,
+    length_batches,
+    load_split,
+    pad_token_id,
+)
 
 
 def load_eval_rows(
@@ -103,7 +111,7 @@ def class_probabilities(
     lengths = [len(x) for x in enc["input_ids"]]
     model.to(dev).eval()
     out: np.ndarray | None = None
-    batches = length_batches(lengths, batch_size)
+    batches = length_batches(lengths, batch_size, batch_cost_for(dev))
     with torch.inference_mode(), first_position_only(model):
         for idx, width in _progress(batches, progress, "evaluate"):
             batch = {k: _pad_rows([enc[k][i] for i in idx], width, pads[k], dev) for k in fields}
@@ -214,7 +222,7 @@ def lm_token_logprobs(
     seqs = [lm_token_ids(tokenizer, r, text_fields, messages_field, max_length) for r in rows]
     model.to(dev).eval()
     per_row: list[np.ndarray] = [np.zeros(0)] * len(rows)
-    batches = length_batches([len(ids) for ids, _ in seqs], batch_size)
+    batches = length_batches([len(ids) for ids, _ in seqs], batch_size, batch_cost_for(dev))
     with torch.inference_mode():
         for idx, width in _progress(batches, progress, "nll"):
             enc = pad_lm([seqs[i] for i in idx], width, pad_id, idx)

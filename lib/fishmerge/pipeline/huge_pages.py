@@ -6,7 +6,8 @@ The λ search merges a whole model into fresh arrays for every candidate and fre
 it pays that again and again: on the demo the isotropic and Fisher searches spent 18 s of system time,
 against 3.6 s without the advice (82.4 s against 65.0 s of wall time, docs/benchmarks.md). The
 out-of-core merge reuses its block buffers and ran faster with the advice, so it stays on elsewhere.
-A user's NUMPY_MADVISE_HUGEPAGE, either way, is left as it is.
+A user's NUMPY_MADVISE_HUGEPAGE, either way, is left as it is. The setting is process-wide: an out-of-core
+merge running at the same time in this process also runs without the advice until the search ends.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ _saved = True  # numpy's setting before the first of them
 def numpy_small_pages() -> Iterator[None]:
     """Turn numpy's huge-page advice off until the last overlapping caller leaves, then restore it."""
     global _depth, _saved
-    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+    try:  # numpy's own switch (what NUMPY_MADVISE_HUGEPAGE sets at import): private, so a later numpy may lack it
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except (ImportError, AttributeError):
+        _set_madvise_hugepage = None
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ or _set_madvise_hugepage is None:
         yield
         return
-    from numpy._core.multiarray import _set_madvise_hugepage
 
     with _lock:
         if _depth == 0:
