@@ -101,10 +101,10 @@ def length_batches(
     if batch_size <= 0:
         raise FishmergeError(f"batch size must be positive, got {batch_size}")
     order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
-    widths = np.maximum(1, np.asarray(lengths, dtype=np.int64)[order]) if len(order) else np.zeros(0, np.int64)
+    widths = np.maximum(1, np.asarray(lengths, dtype=np.int64)[order])
     n = len(order)
     if batch_cost is None:  # more than any cut could save in padding: the fewest batches
-        batch_cost = int(widths.sum()) * batch_size + 1 if n else 1
+        batch_cost = int(widths.sum()) * batch_size + 1
     cost = np.zeros(n + 1, dtype=np.int64)  # cost[j]: the cheapest cut of the j shortest rows
     start = np.zeros(n + 1, dtype=np.int64)  # where the last batch of that cut starts
     for j in range(1, n + 1):
