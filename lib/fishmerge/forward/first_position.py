@@ -12,12 +12,11 @@ eval mode with eager or SDPA attention; any other model runs its own forward unc
 
 from __future__ import annotations
 
-import threading
-import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
+
+from fishmerge.forward.patches import ModelPatch
 
 # class of the model -> class of its layers: heads that read position 0 of the last hidden state
 SUPPORTED = {
@@ -78,8 +77,6 @@ def applies(model: torch.nn.Module) -> bool:
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
         return False
     last = layers[-1]
-    if isinstance(last, FirstPositionLayer):  # another caller has cut it already (the same model in two threads)
-        return True
     return (
         type(last).__name__ == layer_class
         and hasattr(getattr(getattr(last, "attention", None), "self", None), "scaling")
@@ -87,30 +84,23 @@ def applies(model: torch.nn.Module) -> bool:
     )
 
 
-_lock = threading.Lock()
-_users: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> callers inside the context now
+def _cut(model: torch.nn.Module) -> None:
+    layers = model.base_model.encoder.layer
+    if not isinstance(layers[-1], FirstPositionLayer):
+        layers[-1] = FirstPositionLayer(layers[-1])
 
 
-@contextmanager
-def first_position_only(model: torch.nn.Module) -> Iterator[bool]:
+def _restore(model: torch.nn.Module) -> None:
+    layers = model.base_model.encoder.layer
+    if isinstance(layers[-1], FirstPositionLayer):
+        layers[-1] = layers[-1].layer
+
+
+_CUT = ModelPatch(applies, _cut, _restore)
+
+
+def first_position_only(model: torch.nn.Module) -> AbstractContextManager[bool]:
     """While inside, a supported classifier computes its last layer for position 0 only (yields True);
     any other model is left as it is (yields False). The layer is put back when the last caller using this
     model leaves, error or not. Do not ask the model for hidden states or attentions inside."""
-    with _lock:
-        if not applies(model):
-            on = False
-        else:
-            on = True
-            layers = model.base_model.encoder.layer
-            if _users.get(model, 0) == 0 and not isinstance(layers[-1], FirstPositionLayer):
-                layers[-1] = FirstPositionLayer(layers[-1])
-            _users[model] = _users.get(model, 0) + 1
-    try:
-        yield on
-    finally:
-        if on:
-            with _lock:
-                _users[model] -= 1
-                layers = model.base_model.encoder.layer
-                if _users[model] == 0 and isinstance(layers[-1], FirstPositionLayer):
-                    layers[-1] = layers[-1].layer
+    return _CUT.active(model)

@@ -1,7 +1,7 @@
 """Evaluation of merged and input models: class probabilities and classification metrics; causal LMs' token
 log-likelihoods, NLL and perplexity; output ensembles of both.
 
-Batched, in eval mode under `torch.inference_mode`, on CPU or GPU. Rows are tokenized once, ordered by
+Batched, in eval mode under `torch.inference_mode`, on CPU (large Linear products on oneDNN) or GPU. Rows are tokenized once, ordered by
 length and batched with rows of similar length (`length_batches`), each batch padded to its longest row;
 results come back in the rows' order. Metrics are plain numpy so they can be checked against scikit-learn.
 """
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from fishmerge.errors import FishmergeError
 from fishmerge.forward.first_position import first_position_only
+from fishmerge.forward.onednn_linear import onednn_linears
 from fishmerge.io.checkpoint import resolve_device
 from fishmerge.io.data import (
     batch_cost_for,
@@ -101,7 +102,8 @@ def class_probabilities(
 
     The model is moved to `device` and put in eval mode. Softmax in fp32 whatever the model dtype. A
     BERT-family classifier computes its last layer for the one position its head reads
-    (`fishmerge.forward.first_position`).
+    (`fishmerge.forward.first_position`); large fp32 products run on oneDNN on CPU
+    (`fishmerge.forward.onednn_linear`).
     """
     dev = _device(device)
     texts = _texts(rows, text_fields)
@@ -112,7 +114,7 @@ def class_probabilities(
     model.to(dev).eval()
     out: np.ndarray | None = None
     batches = length_batches(lengths, batch_size, batch_cost_for(dev))
-    with torch.inference_mode(), first_position_only(model):
+    with torch.inference_mode(), first_position_only(model), onednn_linears(model):
         for idx, width in _progress(batches, progress, "evaluate"):
             batch = {k: _pad_rows([enc[k][i] for i in idx], width, pads[k], dev) for k in fields}
             # the mask from the rows' lengths, whatever the tokenizer returns: padding is never attended
@@ -223,7 +225,7 @@ def lm_token_logprobs(
     model.to(dev).eval()
     per_row: list[np.ndarray] = [np.zeros(0)] * len(rows)
     batches = length_batches([len(ids) for ids, _ in seqs], batch_size, batch_cost_for(dev))
-    with torch.inference_mode():
+    with torch.inference_mode(), onednn_linears(model):
         for idx, width in _progress(batches, progress, "nll"):
             enc = pad_lm([seqs[i] for i in idx], width, pad_id, idx)
             check_unknown_rate(tokenizer, enc.input_ids, enc.attention_mask)

@@ -1,0 +1,163 @@
+"""Scoring with oneDNN's Linear products against each model's own forward (the oracle: PyTorch's own CPU
+product, row by row without padding), and the cases that must keep the layer's own forward.
+
+The models are wide enough (hidden 256) that their products pass `MIN_MACS`; the profiler shows which
+kernel really ran."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from fishmerge.forward import onednn_linear
+from fishmerge.forward.onednn_linear import MIN_MACS, onednn_linears
+from fishmerge.pipeline.evaluation import class_probabilities, perplexity
+from torch.profiler import ProfilerActivity, profile
+
+from tests.conftest import SPECIAL, WORDS, sentences
+from tests.unit.test_evaluate import oracle_class_probs, oracle_perplexity, word_tokenizer
+
+pytestmark = pytest.mark.skipif(not onednn_linear.available(), reason="this PyTorch has no oneDNN linear op")
+
+WIDE = dict(
+    vocab_size=len(SPECIAL + WORDS),
+    hidden_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=512,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    initializer_range=0.2,
+)
+ONEDNN_OP = "mkldnn::_linear_pointwise"
+
+
+def wide_bert() -> torch.nn.Module:
+    """BERT with non-zero biases (its initialiser zeroes them, which would hide a lost bias)."""
+    torch.manual_seed(0)
+    model = tf.BertForSequenceClassification(tf.BertConfig(num_labels=3, **WIDE)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.bias.normal_(0.0, 0.2)
+    return model
+
+
+def wide_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **WIDE)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def ops_run(fn) -> set[str]:
+    """The operator names a call ran (PyTorch's profiler)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_class_probabilities_on_onednn_equal_the_unpadded_loop() -> None:
+    model, tok = wide_bert(), word_tokenizer()
+    rows = sentences(40, seed=3)
+    got: list[np.ndarray] = []
+    ran = ops_run(lambda: got.append(class_probabilities(model, tok, rows, ["text"], 16, 32, progress=False)))
+    assert ONEDNN_OP in ran  # the wide products really went to oneDNN
+    own = oracle_class_probs(model, tok, rows, ["text"])  # outside the context: PyTorch's own fp32 product
+    exact = oracle_class_probs(copy.deepcopy(model).double(), tok, rows, ["text"])
+    # fp32 rounding: PyTorch's own fp32 forward is 4e-6 off exact arithmetic here, oneDNN's 1e-5 (summation
+    # order); a lost bias or a wrong weight moves probabilities by 1e-2 and more
+    assert np.abs(own - exact).max() < 3e-5
+    np.testing.assert_allclose(got[0], exact, atol=3e-5, rtol=0)
+    assert np.ptp(got[0][:, 0]) > 1e-3  # rows really differ: the check is not vacuous
+    assert "forward" not in model.bert.encoder.layer[0].intermediate.dense.__dict__  # put back
+
+
+def test_perplexity_on_onednn_equals_the_unpadded_loop() -> None:
+    model, tok = wide_llama(), word_tokenizer()
+    texts = [r["text"] for r in sentences(24, seed=4)]
+    got: list[float] = []
+    ran = ops_run(lambda: got.append(perplexity(model, tok, texts, batch_size=8, max_length=20, progress=False)))
+    assert ONEDNN_OP in ran
+    assert got[0] == pytest.approx(oracle_perplexity(model, tok, texts, max_length=20), rel=1e-5)
+
+
+def test_logits_within_rounding_of_the_float64_forward() -> None:
+    """oneDNN's fp32 product is as close to exact arithmetic as PyTorch's own (the same order of error)."""
+    model = wide_bert()
+    ids = torch.randint(5, 95, (16, 30), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        exact = model.double()(input_ids=ids).logits
+        model.float()
+        own = model(input_ids=ids).logits.double()
+        with onednn_linears(model) as on:
+            fast = model(input_ids=ids).logits.double()
+    assert on
+    own_err, fast_err = float((own - exact).abs().max()), float((fast - exact).abs().max())
+    assert fast_err <= max(8 * own_err, 1e-5), (fast_err, own_err)
+    assert float((fast - own).abs().max()) > 0 or own_err == 0  # a different kernel really ran
+
+
+def test_autograd_small_products_and_other_dtypes_keep_the_own_forward() -> None:
+    model = wide_bert()
+    big = torch.randint(5, 95, (16, 30))
+    small = torch.randint(5, 95, (1, 4))  # 4 rows × 256 × 256 < MIN_MACS
+    assert 4 * 256 * 256 < MIN_MACS <= 16 * 30 * 256 * 256
+    with onednn_linears(model):
+        with torch.enable_grad():
+            grad_ops = ops_run(lambda: model(input_ids=big).logits.sum().backward())
+        with torch.inference_mode():
+            small_ops = ops_run(lambda: model(input_ids=small))
+            model.double()
+            double_ops = ops_run(lambda: model(input_ids=big))
+            model.float()
+            fast_ops = ops_run(lambda: model(input_ids=big))
+    assert ONEDNN_OP not in grad_ops and ONEDNN_OP not in small_ops and ONEDNN_OP not in double_ops
+    assert ONEDNN_OP in fast_ops
+    assert model.bert.encoder.layer[0].output.dense.weight.grad is not None  # training still works inside
+
+
+def test_put_back_after_an_error_and_with_two_threads() -> None:
+    model = wide_bert()
+    dense = model.bert.encoder.layer[0].output.dense
+    with pytest.raises(RuntimeError, match="boom"), onednn_linears(model):
+        assert "forward" in dense.__dict__
+        raise RuntimeError("boom")
+    assert "forward" not in dense.__dict__
+
+    inside, leave = threading.Barrier(2), threading.Event()
+    seen = []
+
+    def user(wait: bool) -> None:
+        with onednn_linears(model):
+            inside.wait()
+            if wait:
+                leave.wait()
+            seen.append("forward" in dense.__dict__)
+
+    first = threading.Thread(target=user, args=(True,))
+    first.start()
+    user(False)  # leaves first: the other thread is still inside, so the swap stays
+    still_swapped = "forward" in dense.__dict__
+    leave.set()
+    first.join()
+    assert seen == [True, True] and still_swapped
+    assert "forward" not in dense.__dict__
+
+
+def test_a_forward_replaced_by_someone_else_is_left_alone() -> None:
+    model = wide_bert()
+    dense = model.bert.encoder.layer[0].output.dense
+    calls = []
+
+    def theirs(x):
+        calls.append(1)
+        return torch.nn.functional.linear(x, dense.weight, dense.bias)
+
+    dense.forward = theirs  # e.g. accelerate's offloading hooks replace a module's forward
+    with torch.inference_mode(), onednn_linears(model):
+        model(input_ids=torch.randint(5, 95, (16, 30)))
+    assert calls and dense.forward is theirs
