@@ -6,6 +6,7 @@ kernel really ran."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 
@@ -161,3 +162,65 @@ def test_a_forward_replaced_by_someone_else_is_left_alone() -> None:
     with torch.inference_mode(), onednn_linears(model):
         model(input_ids=torch.randint(5, 95, (16, 30)))
     assert calls and dense.forward is theirs
+
+
+def wide_examples(n: int, seed: int) -> list[dict]:
+    """Rows of 18–30 tokens with labels: batches of 16 pass MIN_MACS in the wide models' layers."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(18, 31, (1,), generator=g))
+        ids = torch.randint(5, WIDE["vocab_size"], (length,), generator=g).tolist()
+        label = int(torch.randint(0, 3, (1,), generator=g))
+        out.append({"id": 7 + i, "input_ids": ids, "label": label, "labels": [0] * length})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("build", "estimator"), [(wide_bert, "exact"), (wide_bert, "empirical"), (wide_llama, "sampled")]
+)
+def test_fisher_on_onednn_equals_the_naive_oracle(build, estimator) -> None:
+    """The first batch checks the rules against autograd's weight gradients on PyTorch's own products; the
+    second runs forward and input backward on oneDNN. The oracle: batch 1, unpadded, autograd's parameter
+    gradients, no oneDNN (tests/oracle.py)."""
+    from fishmerge.fisher.engine import estimate_fisher
+    from fishmerge.fisher.estimators import detect_head
+
+    from tests.oracle import naive_fisher
+    from tests.unit.test_fisher_oracle import assert_close, make_batches
+
+    model = build()
+    examples = wide_examples(32, seed=2)
+    got = []
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got.append(estimate_fisher(model, make_batches(model, examples, 16), estimator, seed=5))
+    ran = {e.key: e.count for e in prof.key_averages()}
+    assert ran.get(ONEDNN_OP, 0) > 0
+    assert any("_InputGradProductBackward" in k for k in ran)  # the backward to the inputs ran on oneDNN too
+    ref = naive_fisher(model, examples, estimator, detect_head(model), seed=5)
+    assert_close(got[0], ref, tol=1e-4)
+
+
+def _input_grad(model: torch.nn.Module, ids: torch.Tensor, fast: bool):
+    """d(Σ logits²)/d(input of layer 0's intermediate product), the logits and that layer's output."""
+    seen = {}
+    dense = model.bert.encoder.layer[0].intermediate.dense
+    hook = dense.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+    with onednn_linears(model, input_grads_only=True) if fast else contextlib.nullcontext():
+        logits = model(input_ids=ids).logits
+    hook.remove()
+    grad = torch.autograd.grad(logits.square().sum(), seen["x"], retain_graph=True)[0].double()
+    return grad, logits, seen["y"]
+
+
+def test_input_grads_only_reaches_inputs_not_weights() -> None:
+    model = wide_bert()
+    ids = torch.randint(5, 95, (16, 30), generator=torch.Generator().manual_seed(3))
+    exact, _, _ = _input_grad(copy.deepcopy(model).double(), ids, fast=False)
+    own, _, _ = _input_grad(model, ids, fast=False)
+    got, logits, out = _input_grad(model, ids, fast=True)
+    own_err, got_err = float((own - exact).norm()), float((got - exact).norm())
+    assert got_err <= 3 * own_err, (got_err, own_err)  # fp32 rounding, as PyTorch's own (1.5e-5 relative here)
+    assert "InputGradProduct" in type(out.grad_fn).__name__  # the product and its backward were oneDNN's
+    dense = model.bert.encoder.layer[0].intermediate.dense
+    assert torch.autograd.grad(logits.sum(), dense.weight, allow_unused=True)[0] is None  # the weight gets none

@@ -35,6 +35,7 @@ from fishmerge.fisher.rules import (
 )
 from fishmerge.fisher.statistics import FISHER, GRAM, STATISTICS, check_statistics  # noqa: F401  (re-exported)
 from fishmerge.forward.first_position import first_position_only
+from fishmerge.forward.onednn_linear import onednn_linears
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
 
@@ -188,8 +189,12 @@ class FisherAccumulator:
         # A classifier's last layer for position 0 only: the other positions' queries and feed-forward get
         # no gradient, so the Fisher is the same. Grams read every token's input, so they keep the full layer.
         cut = first_position_only(self.model) if self._grams is None else contextlib.nullcontext()
+        # Large Linear products on oneDNN on CPU (forward and the backward to their inputs): the rules form the
+        # weights' gradients from inputs and output gradients. Not on the batch that checks the rules against
+        # autograd's own weight gradients.
+        fast = contextlib.nullcontext() if self.verify_pending else onednn_linears(self.model, input_grads_only=True)
         try:
-            with torch.enable_grad(), cut:
+            with torch.enable_grad(), cut, fast:
                 out = self.model(**self._input_plan.inputs(batch))
         finally:
             self._recording = False

@@ -6,16 +6,20 @@ inside PyTorch, dispatches on the instruction set and runs the same product abou
 (`docs/benchmarks.md`). Both are plain fp32 products: the results differ by summation order only
 (tests compare with the model's own forward).
 
-Used where the model only scores (no autograd): inside the context, every `torch.nn.Linear` of the
-model (the class itself, not subclasses with a forward of their own) sends an fp32 CPU input with at
-least `MIN_MACS` multiply-adds to oneDNN; anything else (autograd on, another dtype or device, a small
-product where oneDNN's call costs more) goes to the layer's own forward.
+Inside the context, every `torch.nn.Linear` of the model (the class itself, not subclasses with a
+forward of their own) sends an fp32 CPU input with at least `MIN_MACS` multiply-adds to oneDNN when
+autograd is off (scoring), or, when the caller asks for input gradients only, with autograd on (Fisher
+estimation: the forward and the backward to the layer's input both on oneDNN, no weight gradient).
+Anything else (another dtype or device, a small product where oneDNN's call costs more, a training
+step) goes to the layer's own forward.
 """
 
 from __future__ import annotations
 
+import threading
 import types
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +36,10 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether oneDNN runs this product: fp32 dense CPU tensors, no autograd, a large enough product."""
+def _fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether oneDNN can run this product and gains by it: fp32 dense CPU tensors, a large enough product."""
     return (
-        not torch.is_grad_enabled()
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.layout == torch.strided
@@ -48,10 +51,42 @@ def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     )
 
 
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ + b on oneDNN (no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _InputGradProduct(torch.autograd.Function):
+    """x Wᵀ + b on oneDNN whose backward gives x's gradient only (g W, on oneDNN when large enough); the
+    weight and bias get none."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _product(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        wt = weight.t()  # (in, out): g W = g (Wᵀ)ᵀ, a product oneDNN takes with a strided weight
+        gx = _product(grad, wt, None) if _fits(grad, wt, None) else grad.matmul(weight)
+        return gx, None, None
+
+
+_local = threading.local()  # .input_grads_only: this thread's products give their inputs' gradients only
+
+
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if _takes(x, self.weight, self.bias):
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-    return F.linear(x, self.weight, self.bias)
+    weight, bias = self.weight, self.bias
+    if _fits(x, weight, bias):
+        if not torch.is_grad_enabled():
+            return _product(x, weight, bias)
+        if getattr(_local, "input_grads_only", False) and x.requires_grad:
+            return _InputGradProduct.apply(x, weight.detach(), None if bias is None else bias.detach())
+    return F.linear(x, weight, bias)
 
 
 def _linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -82,7 +117,19 @@ def _restore(model: torch.nn.Module) -> None:
 _ONEDNN = ModelPatch(applies, _swap, _restore)
 
 
-def onednn_linears(model: torch.nn.Module) -> AbstractContextManager[bool]:
-    """While inside (and autograd off), the model's large fp32 CPU Linear products run on oneDNN (yields
-    True), or the model is left as it is (False). Put back when the last caller using this model leaves."""
-    return _ONEDNN.active(model)
+@contextmanager
+def onednn_linears(model: torch.nn.Module, input_grads_only: bool = False) -> Iterator[bool]:
+    """While inside, the model's large fp32 CPU Linear products run on oneDNN (yields True), or the model
+    is left as it is (False); put back when the last caller using this model leaves.
+
+    With autograd on, a product goes to oneDNN only with `input_grads_only`: then, in this thread, autograd
+    reaches each such layer's input but not its weight and bias (`.grad` and `autograd.grad` of them see
+    nothing). For Fisher estimation, which takes gradients w.r.t. layer outputs and forms the weights'
+    per-example gradients itself. An input that needs no gradient keeps the layer's own forward."""
+    before = getattr(_local, "input_grads_only", False)
+    with _ONEDNN.active(model) as on:
+        _local.input_grads_only = input_grads_only
+        try:
+            yield on
+        finally:
+            _local.input_grads_only = before
