@@ -224,3 +224,21 @@ def test_input_grads_only_reaches_inputs_not_weights() -> None:
     assert "InputGradProduct" in type(out.grad_fn).__name__  # the product and its backward were oneDNN's
     dense = model.bert.encoder.layer[0].intermediate.dense
     assert torch.autograd.grad(logits.sum(), dense.weight, allow_unused=True)[0] is None  # the weight gets none
+
+
+def test_greedy_generation_on_onednn_equals_the_own_forward() -> None:
+    """One row a step: only the LM head (20 000 × 256 = 5 M multiply-adds) passes MIN_MACS, as for a served
+    model's `predict` (fishmerge.registry.pyfunc)."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **{**WIDE, "vocab_size": 20_000})
+    model = tf.LlamaForCausalLM(cfg).eval()
+    prompt = torch.randint(5, 20_000, (1, 7), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        want = model.generate(prompt, **kw)
+        with onednn_linears(model):
+            got: list[torch.Tensor] = []
+            ran = ops_run(lambda: got.append(model.generate(prompt, **kw)))
+    assert ONEDNN_OP in ran
+    assert torch.equal(got[0], want)
+    assert len(set(want[0, 7:].tolist())) > 1  # the continuation is not one token repeated
