@@ -227,8 +227,7 @@ def test_input_grads_only_reaches_inputs_not_weights() -> None:
 
 
 def test_greedy_generation_on_onednn_equals_the_own_forward() -> None:
-    """One row a step: only the LM head (20 000 × 256 = 5 M multiply-adds) passes MIN_MACS, as for a served
-    model's `predict` (fishmerge.registry.pyfunc)."""
+    """One row a step: only the LM head (20 000 × 256 = 5 M multiply-adds) passes MIN_MACS."""
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **{**WIDE, "vocab_size": 20_000})
     model = tf.LlamaForCausalLM(cfg).eval()

@@ -83,12 +83,10 @@ class FishmergeHFModel(mlflow.pyfunc.PythonModel):
             return self._generate(self._columns(model_input, "prompt")[0])
         import torch
 
-        from fishmerge.forward.onednn_linear import onednn_linears
-
         text, pair = self._columns(model_input)
         id2label = self.model.config.id2label
         out: list[str] = []
-        with torch.inference_mode(), onednn_linears(self.model):
+        with torch.inference_mode():
             for s in range(0, len(text), self.batch_size):
                 args = [text[s : s + self.batch_size]] + ([pair[s : s + self.batch_size]] if pair else [])
                 enc = self.tokenizer(
@@ -103,12 +101,10 @@ class FishmergeHFModel(mlflow.pyfunc.PythonModel):
         """Greedy continuations, one prompt at a time (no padding: exact, and prompts of any length)."""
         import torch
 
-        from fishmerge.forward.onednn_linear import onednn_linears
-
         out = []
         chat = self.chat and getattr(self.tokenizer, "chat_template", None)
         self.tokenizer.truncation_side = "left"  # a long prompt keeps its end (where the answer starts)
-        with torch.inference_mode(), onednn_linears(self.model):
+        with torch.inference_mode():
             for prompt in prompts:
                 if chat:
                     prompt = self.tokenizer.apply_chat_template(
