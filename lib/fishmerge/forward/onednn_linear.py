@@ -16,7 +16,6 @@ step) goes to the layer's own forward.
 
 from __future__ import annotations
 
-import os
 import threading
 import types
 from collections.abc import Iterator
@@ -26,13 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from fishmerge.forward.patches import ModelPatch
-
-# oneDNN keeps a compiled primitive per product shape (batch widths vary), about 1 MB each, up to 1024 by
-# default: +0.4 GB measured over eight passes of 1000 rows at different batch sizes. 256 hold a λ search's
-# shapes (≈ 3 per batch, both targets) at the same speed. Read at oneDNN's first primitive; a value the
-# user set is kept.
-PRIMITIVE_CACHE_CAPACITY = "256"
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", PRIMITIVE_CACHE_CAPACITY)
 
 # Below about 4 M multiply-adds a product (e.g. 32 rows × 384 × 384) oneDNN's call overhead outweighs its
 # faster kernel on the 2-core EPYC: measured 0.3–0.9× for heads and tiny batches, 1.2× at 4.7 M, 1.9× at 250 M.
