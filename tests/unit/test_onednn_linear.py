@@ -241,3 +241,75 @@ def test_greedy_generation_on_onednn_equals_the_own_forward() -> None:
     assert ONEDNN_OP in ran
     assert torch.equal(got[0], want)
     assert len(set(want[0, 7:].tolist())) > 1  # the continuation is not one token repeated
+
+
+def test_backward_to_the_input_runs_on_onednn() -> None:
+    model = wide_bert()
+    ids = torch.randint(5, 95, (16, 30), generator=torch.Generator().manual_seed(4))
+    with onednn_linears(model, input_grads_only=True):
+        hidden = model.bert.embeddings(input_ids=ids)
+        out = model.bert.encoder.layer[0](hidden)
+        out = out[0] if isinstance(out, tuple) else out
+    backward_ops = ops_run(lambda: torch.autograd.grad(out.square().sum(), hidden))
+    assert ONEDNN_OP in backward_ops
+
+
+def test_a_non_contiguous_input_reaches_onednn() -> None:
+    """As the first-position layer's query: one position of every row, a strided view."""
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(256, 256)
+    x = torch.randn(80, 7, 256)[:, :1]  # 80 × 256 × 256 multiply-adds ≥ MIN_MACS
+    assert not x.is_contiguous() and x.numel() * 256 >= MIN_MACS
+    with torch.inference_mode(), onednn_linears(lin):
+        got: list[torch.Tensor] = []
+        ran = ops_run(lambda: got.append(lin(x)))
+    assert ONEDNN_OP in ran
+    torch.testing.assert_close(got[0], torch.nn.functional.linear(x, lin.weight, lin.bias), atol=2e-5, rtol=1e-5)
+
+
+def test_an_input_without_gradient_keeps_its_weight_gradient() -> None:
+    """Under input_grads_only, a Linear fed by a tensor that needs no gradient (frozen embeddings, raw
+    features) still runs its own forward: its output's gradient comes through its weight."""
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(256, 256)
+    x = torch.randn(64, 256)  # 4.2 M multiply-adds: large enough, but no gradient to give
+    with onednn_linears(lin, input_grads_only=True):
+        y = lin(x)
+    assert y.requires_grad
+    (gw,) = torch.autograd.grad(y.sum(), lin.weight)
+    torch.testing.assert_close(gw, x.sum(0).expand(256, 256), atol=1e-4, rtol=1e-5)
+
+
+def test_input_grads_only_is_restored_after_an_error_and_stays_in_its_thread() -> None:
+    model = wide_bert()
+    ids = torch.randint(5, 95, (16, 30), generator=torch.Generator().manual_seed(6))
+    dense = model.bert.encoder.layer[0].output.dense
+
+    def trains() -> bool:
+        """A training step's weight gradient reaches the layer (PyTorch's own product, not oneDNN's)."""
+        model.zero_grad()
+        with torch.enable_grad():
+            model(input_ids=ids).logits.sum().backward()
+        return dense.weight.grad is not None and bool(dense.weight.grad.abs().sum() > 0)
+
+    with onednn_linears(model):  # an outer caller without input_grads_only
+        with pytest.raises(RuntimeError, match="boom"), onednn_linears(model, input_grads_only=True):
+            raise RuntimeError("boom")
+        assert trains()  # the outer caller's setting is back
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def estimator() -> None:
+        with onednn_linears(model, input_grads_only=True):
+            inside.set()
+            leave.wait(timeout=30)
+
+    other = threading.Thread(target=estimator)
+    other.start()
+    try:
+        assert inside.wait(timeout=30)
+        with onednn_linears(model):
+            assert trains()  # the other thread's input_grads_only does not reach this one
+    finally:
+        leave.set()
+        other.join()

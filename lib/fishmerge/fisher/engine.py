@@ -191,8 +191,8 @@ class FisherAccumulator:
         cut = first_position_only(self.model) if self._grams is None else contextlib.nullcontext()
         # Large Linear products on oneDNN on CPU (forward and the backward to their inputs): the rules form the
         # weights' gradients from inputs and output gradients. Not on the batch that checks the rules against
-        # autograd's own weight gradients.
-        fast = contextlib.nullcontext() if self.verify_pending else onednn_linears(self.model, input_grads_only=True)
+        # autograd's own weight gradients (pinned off there, whatever a caller around us asked).
+        fast = onednn_linears(self.model, input_grads_only=not self.verify_pending)
         try:
             with torch.enable_grad(), cut, fast:
                 out = self.model(**self._input_plan.inputs(batch))

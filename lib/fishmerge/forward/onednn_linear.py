@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fishmerge.forward.patches import ModelPatch
 
@@ -69,6 +70,7 @@ class _InputGradProduct(torch.autograd.Function):
         ctx.save_for_backward(inputs[1])
 
     @staticmethod
+    @once_differentiable  # the product has no autograd formula of its own: no second derivatives through it
     def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
         wt = weight.t()  # (in, out): g W = g (Wᵀ)ᵀ, a product oneDNN takes with a strided weight
@@ -76,17 +78,19 @@ class _InputGradProduct(torch.autograd.Function):
         return gx, None, None
 
 
-_local = threading.local()  # .input_grads_only: this thread's products give their inputs' gradients only
+# .input_grads_only: this thread's patched products give their inputs' gradients only (every patched model
+# run in this thread inside the context, not only the one it was entered for)
+_local = threading.local()
 
 
-def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's own parameter name
     weight, bias = self.weight, self.bias
-    if _fits(x, weight, bias):
+    if _fits(input, weight, bias):
         if not torch.is_grad_enabled():
-            return _product(x, weight, bias)
-        if getattr(_local, "input_grads_only", False) and x.requires_grad:
-            return _InputGradProduct.apply(x, weight.detach(), None if bias is None else bias.detach())
-    return F.linear(x, weight, bias)
+            return _product(input, weight, bias)
+        if getattr(_local, "input_grads_only", False) and input.requires_grad:
+            return _InputGradProduct.apply(input, weight.detach(), None if bias is None else bias.detach())
+    return F.linear(input, weight, bias)
 
 
 def _linears(model: torch.nn.Module) -> list[torch.nn.Linear]:

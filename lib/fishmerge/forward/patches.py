@@ -37,7 +37,11 @@ class ModelPatch:
             on = self._users.get(model, 0) > 0 or self.applies(model)
             if on:
                 if self._users.get(model, 0) == 0:
-                    self.apply(model)
+                    try:
+                        self.apply(model)
+                    except BaseException:
+                        self.undo(model)  # a change made halfway is taken back
+                        raise
                 self._users[model] = self._users.get(model, 0) + 1
         try:
             yield on
