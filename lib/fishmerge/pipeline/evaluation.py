@@ -1,9 +1,9 @@
 """Evaluation of merged and input models: class probabilities and classification metrics; causal LMs' token
 log-likelihoods, NLL and perplexity; output ensembles of both.
 
-Batched, in eval mode under `torch.inference_mode`, on CPU (large Linear products on oneDNN) or GPU. Rows are tokenized once, ordered by
-length and batched with rows of similar length (`length_batches`), each batch padded to its longest row;
-results come back in the rows' order. Metrics are plain numpy so they can be checked against scikit-learn.
+Batched, in eval mode under `torch.inference_mode`, on CPU (large Linear products on oneDNN) or GPU. Rows
+are tokenized once, ordered by length and batched with rows of similar length (`length_batches`), each
+batch padded to its longest row; results come back in the rows' order. Metrics are plain numpy so they can be checked against scikit-learn.
 """
 
 from __future__ import annotations
