@@ -10,6 +10,14 @@ import typing
 
 from fishmerge.errors import FishmergeError
 
+# Set by every command unless the environment says otherwise (the warm runner sets them before its imports).
+ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # slow, busy machines
+}
+
 
 def _fields(text: str) -> list[str]:
     return [f.strip() for f in text.split(",") if f.strip()]
@@ -341,7 +349,15 @@ def _cmd_server(args: argparse.Namespace) -> str:
     if args.action == "start":
         s = server.start(args.port)
         how = "started" if s["started"] else "already running"
-        return f"{s['url']} ({how}, pid {s['pid']}; commands without PREFECT_API_URL report to it; log {s['log']})"
+        runner = (
+            f"warm runner pid {s['runner']['pid']}"
+            if s["runner_ready"]
+            else f"the warm runner did not start (see {s['runner']['log']}): commands run in their own process"
+        )
+        return (
+            f"{s['url']} ({how}, pid {s['pid']}; {runner}; commands without PREFECT_API_URL report to it; "
+            f"log {s['log']})"
+        )
     if args.action == "stop":
         s = server.stop()
         if s is None:
@@ -353,7 +369,10 @@ def _cmd_server(args: argparse.Namespace) -> str:
             )
         return f"stopped the shared Prefect server at {s['url']}"
     s = server.running()
-    return f"{s['url']} (pid {s['pid']})" if s else f"no shared Prefect server running ({server.state_path()})"
+    if not s:
+        return f"no shared Prefect server running ({server.state_path()})"
+    runner = f"warm runner pid {s['runner']['pid']}" if server.runner_alive(s) else "no warm runner"
+    return f"{s['url']} (pid {s['pid']}; {runner})"
 
 
 def _cmd_fingerprint(args: argparse.Namespace) -> str:
@@ -378,10 +397,8 @@ def _cmd_inspect(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fishmerge` console script."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # slow, busy machines
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:
         handler = {
@@ -449,10 +466,23 @@ def _exit_without_teardown(status: list[int]) -> None:
     os._exit(status[0])
 
 
-def run() -> None:
-    """The `fishmerge` console command only (it decides how the whole process ends): `main`, then a
-    fast exit with its status (`_exit_without_teardown`). FISHMERGE_NO_FAST_EXIT=1 keeps Python's own
-    exit, for tools that hook the interpreter's end (coverage of subprocesses, tracing exporters)."""
+def _runs_in_runner(argv: list[str]) -> bool:
+    """Every command but `server` may run in the warm runner, unless FISHMERGE_NO_WARM is set."""
+    return bool(argv) and argv[0] != "server" and not os.environ.get("FISHMERGE_NO_WARM")
+
+
+def run(use_runner: bool = True) -> None:
+    """The `fishmerge` console command only (it decides how the whole process ends): the command in the
+    warm runner when one serves it (`flows.warm`; `use_runner=False` is the runner's own child), else
+    `main` here, then a fast exit with its status (`_exit_without_teardown`). FISHMERGE_NO_FAST_EXIT=1
+    keeps Python's own exit, for tools that hook the interpreter's end (coverage of subprocesses,
+    tracing exporters)."""
+    if use_runner and _runs_in_runner(sys.argv[1:]):
+        from fishmerge.flows.warm import run_in_runner
+
+        served = run_in_runner(sys.argv[1:])
+        if served is not None:
+            sys.exit(served)
     status = [1]
     if not os.environ.get("FISHMERGE_NO_FAST_EXIT"):
         atexit.register(_exit_without_teardown, status)  # registered first: runs after every later handler

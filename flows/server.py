@@ -6,7 +6,9 @@ in the background instead; each later command without `PREFECT_API_URL` finds it
 the URL and process) and reports to it, so runs still appear in Prefect and no command pays the start.
 The server keeps Prefect's own database (PREFECT_HOME), the one temporary servers use. `fishmerge server
 stop` ends it: only the process fishmerge started and recorded, checked to be that Prefect server.
-Imports no Prefect (the `prefect` command runs in its own process).
+Beside it runs the warm runner (`flows.warm`): a process with fishmerge's stack imported that forks a
+copy of itself for each later command, so that a small command no longer pays its imports; recorded,
+checked and stopped the same way. Imports no Prefect (the `prefect` command runs in its own process).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -28,6 +31,8 @@ from pathlib import Path
 from fishmerge.errors import FishmergeError
 
 STATE_NAME = "prefect-server.json"
+RUNNER_SOCKET_NAME = "warm-runner.sock"
+RUNNER_LOG_NAME = "warm-runner.log"
 START_TIMEOUT_S = 120.0
 STATE_MAX_BYTES = 64 * 1024
 
@@ -35,6 +40,23 @@ STATE_MAX_BYTES = 64 * 1024
 def state_path() -> Path:
     """Where the shared server is recorded: $FISHMERGE_HOME (default ~/.fishmerge)/prefect-server.json."""
     return Path(os.environ.get("FISHMERGE_HOME") or "~/.fishmerge").expanduser() / STATE_NAME
+
+
+def runner_socket_path() -> Path:
+    """The warm runner's Unix socket, beside the server's record."""
+    return state_path().with_name(RUNNER_SOCKET_NAME)
+
+
+def runner_log_path() -> Path:
+    return state_path().with_name(RUNNER_LOG_NAME)
+
+
+def runner_listening() -> bool:
+    """Whether a warm runner's socket is in place (it appears once the runner has imported everything)."""
+    try:
+        return stat.S_ISSOCK(os.stat(runner_socket_path()).st_mode)
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -61,24 +83,38 @@ def _healthy(url: str, timeout: float = 2.0) -> bool:
 def _started_at(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), None if gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        line = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    return int(line.rsplit(")", 1)[1].split()[19])
+
+
+def _command_line(record: dict | None) -> list[str] | None:
+    """The command line of the recorded process if it still runs and is the one fishmerge started (same
+    start time: a recycled pid has another), else None."""
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int):
+        return None
+    pid = record["pid"]
+    if _started_at(pid) != record.get("process_start"):
+        return None
+    try:
+        return [w.decode(errors="replace") for w in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return None
 
 
 def _is_ours(state: dict) -> bool:
-    """Whether the recorded process still runs and is the one fishmerge started: same start time (a recycled
-    pid has another), a `prefect server start` on the recorded port."""
-    pid = state["pid"]
-    if _started_at(pid) != state.get("process_start"):
-        return False
-    try:
-        words = [w.decode(errors="replace") for w in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
-    except OSError:
-        return False
+    """Whether the recorded process is the server fishmerge started: a `prefect server start` on the
+    recorded port."""
+    words = _command_line(state) or []
     shape = any(w.endswith("prefect") for w in words) and "server" in words and "start" in words
     return shape and str(state.get("port")) in words
+
+
+def runner_alive(state: dict | None) -> bool:
+    """Whether the warm runner recorded with the server is the one fishmerge started and still runs (it
+    may still be warming up)."""
+    return "fishmerge.flows.warm" in (_command_line((state or {}).get("runner")) or [])
 
 
 def _read_state() -> dict | None:
@@ -128,7 +164,17 @@ def use_shared_server() -> str | None:
     if state is None:
         return None
     os.environ["PREFECT_API_URL"] = state["url"]
+    refresh_prefect_settings()
     return state["url"]
+
+
+def refresh_prefect_settings() -> None:
+    """Make an already imported Prefect read its settings again (environment, profile, the working folder's
+    prefect.toml / .env): Prefect keeps what it read when imported, and the warm runner imports it before
+    it knows a command's environment and folder. Nothing to do when Prefect is not imported yet."""
+    context = sys.modules.get("prefect.context")
+    if context is not None:
+        context.refresh_global_settings_context()
 
 
 def _free_port() -> int:
@@ -165,20 +211,53 @@ def _wait_healthy(state: dict, proc: subprocess.Popen | None) -> bool:
     return False
 
 
+def _start_runner() -> dict:
+    """Start the warm runner in the background with this command's environment; its record."""
+    log = runner_log_path()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-P", "-m", "fishmerge.flows.warm"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives this command; its own process group for `stop`
+        )
+    return {"pid": proc.pid, "process_start": _started_at(proc.pid), "log": str(log), "proc": proc}
+
+
+def _wait_runner(runner: dict) -> bool:
+    """Wait until the runner listens (its socket appears once everything is imported) or is gone."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if runner["proc"].poll() is not None:
+            return False
+        if runner_listening():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def start(port: int | None = None) -> dict:
-    """Start the shared server in the background (or return the running one) and record it."""
+    """Start the shared server and the warm runner in the background (or return the running ones, starting
+    a runner that is missing) and record them. A runner that fails to start leaves the server running:
+    commands then run in their own process (`runner_ready` False)."""
     prefect = Path(sys.executable).with_name("prefect")
     if not prefect.exists():
         raise FishmergeError(f"no `prefect` command beside {sys.executable}: reinstall fishmerge (pip install -e .)")
     with _locked():
         recorded = _read_state()
         if recorded and _is_ours(recorded):  # ours and alive: running, or still starting (wait for it)
-            if _wait_healthy(recorded, None):
-                return {**recorded, "started": False}
-            raise FishmergeError(
-                f"the shared Prefect server (pid {recorded['pid']}) runs but does not answer at {recorded['url']}: "
-                f"see {recorded.get('log')}; `fishmerge server stop` ends it"
-            )
+            if not _wait_healthy(recorded, None):
+                raise FishmergeError(
+                    f"the shared Prefect server (pid {recorded['pid']}) runs but does not answer at "
+                    f"{recorded['url']}: see {recorded.get('log')}; `fishmerge server stop` ends it"
+                )
+            if runner_alive(recorded):
+                return {**recorded, "started": False, "runner_ready": runner_listening()}
+            runner = _start_runner()
+            state = {**recorded, "runner": {k: v for k, v in runner.items() if k != "proc"}}
+            _write_state(state)
+            return {**state, "started": False, "runner_ready": _wait_runner(runner)}
         if port is not None and not _port_free(port):
             raise FishmergeError(f"port {port} is in use: choose another --port, or leave it out (a free one)")
         port = port or _free_port()
@@ -202,18 +281,25 @@ def start(port: int | None = None) -> dict:
             "log": str(log),
             "started_at": time.time(),
         }
+        runner: dict | None = None
         try:
             _write_state(state)  # recorded at once: a later `stop` finds it even if this command dies now
+            runner = _start_runner()  # warms up while the server starts
+            state["runner"] = {k: v for k, v in runner.items() if k != "proc"}
+            _write_state(state)
             if not _wait_healthy(state, proc):
                 raise FishmergeError(
                     f"the Prefect server did not start on port {port} within {START_TIMEOUT_S:.0f} s (exit code "
                     f"{proc.poll()}): see {log}"
                 )
-        except BaseException:  # an error or Ctrl-C: no server is left running unrecorded
+            ready = _wait_runner(runner)
+        except BaseException:  # an error or Ctrl-C: no server or runner is left running unrecorded
             _end(proc.pid)
+            if runner is not None:
+                _end(runner["pid"])
             state_path().unlink(missing_ok=True)
             raise
-        return {**state, "started": True}
+        return {**state, "started": True, "runner_ready": ready}
 
 
 def _end(pid: int, timeout_s: float = 20.0) -> None:
@@ -234,12 +320,15 @@ def _end(pid: int, timeout_s: float = 20.0) -> None:
 
 
 def stop() -> dict | None:
-    """Stop the recorded server (its process group) and remove the record: the record with `stopped`
-    (False when its process is gone, or is not the server fishmerge started), None when there was no record."""
+    """Stop the recorded server and warm runner (their process groups; commands the runner started run on)
+    and remove the record: the record with `stopped` (False when the server is gone, or is not the server
+    fishmerge started), None when there was no record."""
     with _locked():
         state = _read_state()
         if state is None:
             return None
+        if runner_alive(state):
+            _end(state["runner"]["pid"])
         ours = _is_ours(state)
         if ours:
             _end(state["pid"])

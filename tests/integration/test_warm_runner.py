@@ -1,0 +1,203 @@
+"""The warm runner (`flows.warm`) that `fishmerge server start` starts beside the shared Prefect server:
+real `fishmerge` console commands are forked from it, run in the caller's folder with the caller's
+environment, umask and streams, give the same results and exit statuses as in their own process, report
+to the shared server, take Ctrl-C, stop when their caller dies; a caller with other import-time settings
+or another code version runs the command itself; `server stop` ends the runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+from tests.conftest import save_model_dir, sentences, write_csv
+from tests.integration.test_server import flow_names
+
+FISHMERGE = str(Path(sys.executable).with_name("fishmerge"))  # the console command, as users run it
+
+
+def fishmerge(args: list[str], env: dict, cwd: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([FISHMERGE, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env, **kw)
+
+
+def served(home: Path) -> list[tuple[str, int]]:
+    """(command, child pid) of every command the runner forked, from its log."""
+    text = (home / "warm-runner.log").read_text()
+    return [(m[1], int(m[2])) for m in re.finditer(r"command (\S+) in child (\d+)", text)]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A shared server and its warm runner in a home of their own; stopped (and checked gone) at the end."""
+    root = tmp_path_factory.mktemp("warm")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the commands look for the shared one
+    env |= {"FISHMERGE_HOME": str(root / "fmhome"), "PREFECT_HOME": str(root / "prefect-home")}
+    started = fishmerge(["server", "start"], env, root)
+    sock = root / "fmhome" / "warm-runner.sock"
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "warm runner pid" in started.stdout, started.stdout
+        state = json.loads((root / "fmhome" / "prefect-server.json").read_text())
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600  # only its owner may connect
+        yield {"root": root, "env": env, "home": root / "fmhome", "url": state["url"], "runner": state["runner"]}
+    finally:
+        stopped = fishmerge(["server", "stop"], env, root)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not sock.exists()
+    cmdline = Path(f"/proc/{state['runner']['pid']}/cmdline")
+    assert not cmdline.exists() or b"fishmerge.flows.warm" not in cmdline.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def merge_inputs(stack) -> Path:
+    """Two tiny classifiers and a merge config naming them (its relative output lands beside the config)."""
+    root = stack["root"]
+    models = []
+    for i, name in enumerate("ab"):
+        save_model_dir(root / name, "bert-cls", seed=i + 1)
+        models.append({"name": name, "path": str(root / name), "weight": 0.5})
+    cfg = root / "cfg.json"
+    cfg.write_text(
+        json.dumps({"name": "w", "method": "isotropic", "models": models, "targets": ["a"], "output": "out"})
+    )
+    return cfg
+
+
+def test_a_command_runs_in_the_runner_as_it_runs_in_its_own_process(stack, merge_inputs, tmp_path) -> None:
+    env, home = stack["env"], stack["home"]
+    for folder in ("warm", "own"):  # the config named relative to each caller's folder, its output beside it
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "cfg.json").write_bytes(merge_inputs.read_bytes())
+    before = len(served(home))
+    warm = fishmerge(["merge", "cfg.json", "--no-progress"], env, tmp_path / "warm", umask=0o077)
+    assert warm.returncode == 0, warm.stderr
+    assert [c for c, _ in served(home)[before:]] == ["merge"]  # forked from the runner
+    own = fishmerge(["merge", "cfg.json", "--no-progress"], env | {"FISHMERGE_NO_WARM": "1"}, tmp_path / "own")
+    assert own.returncode == 0, own.stderr
+    assert len(served(home)) == before + 1  # FISHMERGE_NO_WARM: in its own process
+
+    out_warm, out_own = tmp_path / "warm" / "out" / "a", tmp_path / "own" / "out" / "a"  # each caller's folder
+    assert warm.stdout.strip().splitlines()[-1] == str(tmp_path / "warm" / "out")
+    merged, reference = load_file(out_warm / "model.safetensors"), load_file(out_own / "model.safetensors")
+    assert merged.keys() == reference.keys()
+    for key in reference:
+        assert (merged[key] == reference[key]).all(), key
+    assert stat.S_IMODE((out_warm / "model.safetensors").stat().st_mode) == 0o600  # the caller's umask
+    assert f"reporting to the shared server at {stack['url']}" in warm.stderr
+    assert "Starting temporary server" not in warm.stderr
+    assert "merge-models" in flow_names(stack["url"])
+
+
+def test_the_callers_environment_and_exit_status_pass_through(stack, tmp_path) -> None:
+    env, home = stack["env"], stack["home"]
+    before = len(served(home))
+    narrow = fishmerge(["merge", "--help"], env | {"COLUMNS": "50"}, tmp_path)  # argparse wraps to COLUMNS
+    wide = fishmerge(["merge", "--help"], env | {"COLUMNS": "200"}, tmp_path)
+    own = fishmerge(["merge", "--help"], env | {"COLUMNS": "50", "FISHMERGE_NO_WARM": "1"}, tmp_path)
+    assert narrow.returncode == wide.returncode == own.returncode == 0
+    assert narrow.stdout == own.stdout != wide.stdout
+
+    bad = fishmerge(["plan", "no-such-config.yaml"], env, tmp_path)
+    own = fishmerge(["plan", "no-such-config.yaml"], env | {"FISHMERGE_NO_WARM": "1"}, tmp_path)
+    assert bad.returncode == own.returncode == 2
+    assert bad.stderr == own.stderr and bad.stderr.startswith("fishmerge: error:") and bad.stderr.count("\n") == 1
+    assert len(served(home)) == before + 3  # the three through the runner; the last in its own process
+
+
+def test_other_import_time_settings_run_in_the_callers_process(stack, merge_inputs, tmp_path) -> None:
+    env, home = stack["env"], stack["home"]
+    before = len(served(home))
+    done = fishmerge(["plan", str(merge_inputs)], env | {"HF_HOME": str(tmp_path / "hf")}, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "fishmerge: note: the warm runner" in done.stderr and "HF_HOME" in done.stderr
+    assert "merge plan" in done.stdout
+    assert len(served(home)) == before
+
+
+def _long_fisher(stack, tmp_path: Path) -> subprocess.Popen:
+    """A `fishmerge fisher` of some seconds, started through the runner; returns once its child runs main."""
+    model = save_model_dir(tmp_path / "m", "bert-cls")
+    data = write_csv(tmp_path / "rows.csv", sentences(4000))
+    args = ["fisher", "--model", str(model), "--data", str(data), "--examples", "4000", "--batch-size", "1"]
+    proc = subprocess.Popen(
+        [FISHMERGE, *args, "--store", str(tmp_path / "f.zarr"), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=stack["env"],
+    )
+    line = proc.stderr.readline()  # main's first words: it runs
+    assert "reporting to the shared server" in line, line + proc.stderr.read()
+    return proc
+
+
+def _gone(pid: int, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_ctrl_c_reaches_the_command(stack, tmp_path) -> None:
+    proc = _long_fisher(stack, tmp_path)
+    child = served(stack["home"])[-1][1]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "fishmerge: interrupted" in err
+    assert _gone(child)
+    assert not (tmp_path / "f.zarr").exists()
+
+
+def test_a_command_whose_caller_dies_is_interrupted(stack, tmp_path) -> None:
+    proc = _long_fisher(stack, tmp_path)
+    child = served(stack["home"])[-1][1]
+    proc.kill()
+    proc.wait()
+    assert _gone(child)  # interrupted, not left computing for nobody
+    assert not (tmp_path / "f.zarr").exists()
+
+
+def test_another_code_version_runs_here_and_the_runner_reloads(stack, merge_inputs, tmp_path) -> None:
+    """A caller whose code fingerprint differs (as after `git pull` or `pip install`) is turned away with no
+    note; the runner then reloads itself (same process) and serves the next command."""
+    home, env = stack["home"], stack["env"]
+    caller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    caller.settimeout(30)
+    caller.connect(str(home / "warm-runner.sock"))
+    request = {"protocol": 1, "code": "another", "argv": ["fishmerge", "--version"], "cwd": str(tmp_path)}
+    request |= {"umask": 0o022, "env": env}
+    payload = json.dumps(request).encode()
+    socket.send_fds(caller, [b"F"], [0, 1, 2])
+    caller.sendall(struct.pack(">I", len(payload)) + payload)
+    assert json.loads(caller.makefile("rb").readline()) == {"ok": False, "why": ""}
+    caller.close()
+
+    deadline = time.monotonic() + 120
+    log = home / "warm-runner.log"
+    while log.read_text().count("ready in") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "reloading" in log.read_text() and log.read_text().count("ready in") >= 2
+    assert Path(f"/proc/{stack['runner']['pid']}/cmdline").read_bytes().split(b"\0")[1:3] == [b"-P", b"-m"]
+    before = len(served(home))
+    done = fishmerge(["plan", str(merge_inputs)], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert len(served(home)) == before + 1
