@@ -320,15 +320,16 @@ def _end(pid: int, timeout_s: float = 20.0) -> None:
 
 
 def stop() -> dict | None:
-    """Stop the recorded server and warm runner (their process groups; commands the runner started run on)
+    """Stop the recorded server (its process group) and warm runner (commands it runs still end normally)
     and remove the record: the record with `stopped` (False when the server is gone, or is not the server
     fishmerge started), None when there was no record."""
     with _locked():
         state = _read_state()
         if state is None:
             return None
-        if runner_alive(state):
-            _end(state["runner"]["pid"])
+        if runner_alive(state):  # it stops taking commands at once and ends when those it runs have ended
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(state["runner"]["pid"], signal.SIGTERM)
         ours = _is_ours(state)
         if ours:
             _end(state["pid"])

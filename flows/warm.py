@@ -258,31 +258,45 @@ class Runner:
         self.set_by_imports: dict[str, str] = {}  # what the imports put into the environment
         self.children: dict[int, socket.socket] = {}
         self.stale = False
+        self.stopping = False
         self.path = runner_socket_path()
         self.inode = -1
         self.pid = os.getpid()
 
     def serve(self) -> None:
+        """Import, listen, and fork a child per caller until stopped (SIGTERM: stop taking commands at once,
+        end when the running ones have ended) or stale (reload the same way)."""
         from fishmerge.flows.cli import ENV_DEFAULTS
 
         for key, value in ENV_DEFAULTS.items():  # as `main` sets them, before the imports that read them
             os.environ.setdefault(key, value)
+        # A CUDA check while importing must not initialise CUDA (a fork could not use it): NVML answers it.
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
         started = time.perf_counter()
         before = dict(os.environ)
         preload()
         self.set_by_imports = {k: v for k, v in os.environ.items() if before.get(k) != v}
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            _log("CUDA was initialised while importing: a forked command could not use it; not serving")
+            raise SystemExit(1)
         listener = self._listen()
         _log(f"ready in {time.perf_counter() - started:.1f} s at {self.path}")
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # a Python handler, so that the wakeup fd is written
+        signal.set_wakeup_fd(wake_w)  # every handled signal wakes the loop
+        signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, self._stop)
         selector = selectors.DefaultSelector()
         selector.register(listener, selectors.EVENT_READ)
         selector.register(wake_r, selectors.EVENT_READ)
         try:
-            while not (self.stale and not self.children):
+            while True:
+                if self.stopping and listener.fileno() >= 0:  # new commands run in their own process from now
+                    selector.unregister(listener)
+                    self._unlisten(listener)
+                if (self.stale or self.stopping) and not self.children:
+                    break
                 for key, _ in selector.select():
                     if key.fileobj is listener:
                         self._accept(listener, wake_r, wake_w)
@@ -293,6 +307,9 @@ class Runner:
         finally:
             if os.getpid() == self.pid:  # a child's exit passes through here: the socket is not its own
                 self._unlisten(listener)
+        if self.stopping:
+            _log("stopped")
+            return
         _log("fishmerge's code or packages changed: reloading")
         os.execve(sys.executable, [sys.executable, "-P", "-m", "fishmerge.flows.warm"], self.environ)
 
@@ -311,6 +328,10 @@ class Runner:
         finally:
             os.umask(mask)
         listener.listen(64)
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):  # not ours to replace
+                aside.unlink()
+                raise FileExistsError(f"{self.path} exists and is not a socket: move it away and restart the server")
         os.replace(aside, self.path)
         self.inode = os.lstat(self.path).st_ino
         return listener
@@ -324,8 +345,9 @@ class Runner:
                 self.path.unlink()
 
     def _stop(self, _signum, _frame) -> None:
-        _log("stopped (SIGTERM)")
-        raise SystemExit(0)
+        if not self.stopping:
+            _log("stopping (SIGTERM): no new commands; ending when the running ones have ended")
+        self.stopping = True
 
     def _accept(self, listener: socket.socket, wake_r: int, wake_w: int) -> None:
         conn, _ = listener.accept()
