@@ -451,6 +451,7 @@ class Runner:
             sys.argv = [str(a) for a in request["argv"]]
             sys.stdout.reconfigure(line_buffering=os.isatty(1))
             refresh_prefect_settings()  # read in the runner's folder and environment: read the caller's
+            _fresh_random_state()
             threading.Thread(target=_interrupt_when_gone, args=(conn,), daemon=True).start()
             from fishmerge.flows.cli import run
 
@@ -482,6 +483,17 @@ class Runner:
             with contextlib.suppress(OSError):
                 conn.sendall(json.dumps({"status": status}).encode() + b"\n")
             conn.close()
+
+
+def _fresh_random_state() -> None:
+    """Global random generators seeded anew, as in a process of its own (every fork would otherwise start
+    from the runner's state; Python's `random` reseeds itself at fork)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
 
 
 def _interrupt_when_gone(conn: socket.socket) -> None:

@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Commands run in their own process: never in a warm runner the developer may have running in ~/.fishmerge
+# (tests/integration/test_warm_runner.py starts its own and lifts this).
+os.environ.setdefault("FISHMERGE_NO_WARM", "1")
 
 WORDS = [f"w{i}" for i in range(90)]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -41,7 +41,8 @@ def served(home: Path) -> list[tuple[str, int]]:
 def stack(tmp_path_factory):
     """A shared server and its warm runner in a home of their own; stopped (and checked gone) at the end."""
     root = tmp_path_factory.mktemp("warm")
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the commands look for the shared one
+    # No PREFECT_API_URL (the commands look for the shared server), no FISHMERGE_NO_WARM (tests/conftest.py).
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "FISHMERGE_NO_WARM")}
     env |= {"FISHMERGE_HOME": str(root / "fmhome"), "PREFECT_HOME": str(root / "prefect-home")}
     started = fishmerge(["server", "start"], env, root)
     sock = root / "fmhome" / "warm-runner.sock"
