@@ -7,6 +7,7 @@ import atexit
 import os
 import sys
 import typing
+from collections.abc import Callable, Sequence
 
 from fishmerge.errors import FishmergeError
 
@@ -352,7 +353,7 @@ def _cmd_server(args: argparse.Namespace) -> str:
         runner = (
             f"warm runner pid {s['runner']['pid']}"
             if s["runner_ready"]
-            else f"the warm runner did not start (see {s['runner']['log']}): commands run in their own process"
+            else f"the warm runner is not serving (see {s['runner']['log']}): commands run in their own process"
         )
         return (
             f"{s['url']} ({how}, pid {s['pid']}; {runner}; commands without PREFECT_API_URL report to it; "
@@ -471,12 +472,13 @@ def _runs_in_runner(argv: list[str]) -> bool:
     return bool(argv) and argv[0] != "server" and not os.environ.get("FISHMERGE_NO_WARM")
 
 
-def run(use_runner: bool = True) -> None:
+def run(use_runner: bool = True, exit_handlers: Sequence[tuple[Callable, tuple, dict]] = ()) -> None:
     """The `fishmerge` console command only (it decides how the whole process ends): the command in the
-    warm runner when one serves it (`flows.warm`; `use_runner=False` is the runner's own child), else
-    `main` here, then a fast exit with its status (`_exit_without_teardown`). FISHMERGE_NO_FAST_EXIT=1
-    keeps Python's own exit, for tools that hook the interpreter's end (coverage of subprocesses,
-    tracing exporters)."""
+    warm runner when one serves it (`flows.warm`), else `main` here, then a fast exit with its status
+    (`_exit_without_teardown`). FISHMERGE_NO_FAST_EXIT=1 keeps Python's own exit, for tools that hook the
+    interpreter's end (coverage of subprocesses, tracing exporters). The runner's child passes
+    `use_runner=False` and the exit handlers its imports registered (`(func, args, kwargs)`): they go
+    behind the fast exit, where they would be had this command imported those modules itself."""
     if use_runner and _runs_in_runner(sys.argv[1:]):
         from fishmerge.flows.warm import run_in_runner
 
@@ -486,6 +488,8 @@ def run(use_runner: bool = True) -> None:
     status = [1]
     if not os.environ.get("FISHMERGE_NO_FAST_EXIT"):
         atexit.register(_exit_without_teardown, status)  # registered first: runs after every later handler
+    for func, args, kwargs in exit_handlers:
+        atexit.register(func, *args, **kwargs)
     try:
         status[0] = main()
     except SystemExit as exc:  # argparse: --help, --version, a bad flag

@@ -6,7 +6,7 @@ in the background instead; each later command without `PREFECT_API_URL` finds it
 the URL and process) and reports to it, so runs still appear in Prefect and no command pays the start.
 The server keeps Prefect's own database (PREFECT_HOME), the one temporary servers use. `fishmerge server
 stop` ends it: only the process fishmerge started and recorded, checked to be that Prefect server.
-Beside it runs the warm runner (`flows.warm`): a process with fishmerge's stack imported that forks a
+Beside it runs the warm runner (`flows.warm`, `flows.warm_runner`): a process with fishmerge's stack imported that forks a
 copy of itself for each later command, so that a small command no longer pays its imports; recorded,
 checked and stopped the same way. Imports no Prefect (the `prefect` command runs in its own process).
 """
@@ -33,6 +33,7 @@ from fishmerge.errors import FishmergeError
 STATE_NAME = "prefect-server.json"
 RUNNER_SOCKET_NAME = "warm-runner.sock"
 RUNNER_LOG_NAME = "warm-runner.log"
+RUNNER_LOG_MAX_BYTES = 8 * 1024 * 1024
 START_TIMEOUT_S = 120.0
 STATE_MAX_BYTES = 64 * 1024
 
@@ -114,7 +115,7 @@ def _is_ours(state: dict) -> bool:
 def runner_alive(state: dict | None) -> bool:
     """Whether the warm runner recorded with the server is the one fishmerge started and still runs (it
     may still be warming up)."""
-    return "fishmerge.flows.warm" in (_command_line((state or {}).get("runner")) or [])
+    return "fishmerge.flows.warm_runner" in (_command_line((state or {}).get("runner")) or [])
 
 
 def _read_state() -> dict | None:
@@ -214,22 +215,26 @@ def _wait_healthy(state: dict, proc: subprocess.Popen | None) -> bool:
 def _start_runner() -> dict:
     """Start the warm runner in the background with this command's environment; its record."""
     log = runner_log_path()
+    with contextlib.suppress(OSError):
+        if log.stat().st_size > RUNNER_LOG_MAX_BYTES:  # a line per command: keep the last two logs' worth
+            os.replace(log, log.with_name(f"{log.name}.1"))
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "fishmerge.flows.warm"],
+            [sys.executable, "-P", "-m", "fishmerge.flows.warm_runner"],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # outlives this command; its own process group for `stop`
+            start_new_session=True,  # outlives this command
+            cwd="/",  # no folder's configuration files (matplotlibrc, prefect.toml) read at its imports
         )
     return {"pid": proc.pid, "process_start": _started_at(proc.pid), "log": str(log), "proc": proc}
 
 
-def _wait_runner(runner: dict) -> bool:
-    """Wait until the runner listens (its socket appears once everything is imported) or is gone."""
+def _wait_runner(state: dict, proc: subprocess.Popen | None) -> bool:
+    """Wait until the recorded runner listens (its socket appears once it has imported everything) or is gone."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if runner["proc"].poll() is not None:
+        if not (proc.poll() is None if proc is not None else runner_alive(state)):
             return False
         if runner_listening():
             return True
@@ -252,12 +257,12 @@ def start(port: int | None = None) -> dict:
                     f"the shared Prefect server (pid {recorded['pid']}) runs but does not answer at "
                     f"{recorded['url']}: see {recorded.get('log')}; `fishmerge server stop` ends it"
                 )
-            if runner_alive(recorded):
-                return {**recorded, "started": False, "runner_ready": runner_listening()}
+            if runner_alive(recorded):  # running, importing or reloading: wait for it to listen
+                return {**recorded, "started": False, "runner_ready": _wait_runner(recorded, None)}
             runner = _start_runner()
             state = {**recorded, "runner": {k: v for k, v in runner.items() if k != "proc"}}
             _write_state(state)
-            return {**state, "started": False, "runner_ready": _wait_runner(runner)}
+            return {**state, "started": False, "runner_ready": _wait_runner(state, runner["proc"])}
         if port is not None and not _port_free(port):
             raise FishmergeError(f"port {port} is in use: choose another --port, or leave it out (a free one)")
         port = port or _free_port()
@@ -292,7 +297,7 @@ def start(port: int | None = None) -> dict:
                     f"the Prefect server did not start on port {port} within {START_TIMEOUT_S:.0f} s (exit code "
                     f"{proc.poll()}): see {log}"
                 )
-            ready = _wait_runner(runner)
+            ready = _wait_runner(state, runner["proc"])
         except BaseException:  # an error or Ctrl-C: no server or runner is left running unrecorded
             _end(proc.pid)
             if runner is not None:

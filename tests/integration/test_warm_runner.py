@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fishmerge.flows.warm import PROTOCOL
 from safetensors.numpy import load_file
 
 from tests.conftest import save_model_dir, sentences, write_csv
@@ -125,11 +126,30 @@ def test_other_import_time_settings_run_in_the_callers_process(stack, merge_inpu
     assert len(served(home)) == before
 
 
-def _long_fisher(stack, tmp_path: Path) -> subprocess.Popen:
-    """A `fishmerge fisher` of some seconds, started through the runner; returns once its child runs main."""
+def _ready_count(home: Path) -> int:
+    return (home / "warm-runner.log").read_text().count(" ready in ")
+
+
+def _wait_for(condition, timeout_s: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _long_fisher(stack, tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    """A `fishmerge fisher` of several seconds started through the runner; returns it and the runner's child
+    that runs it, once that child runs `main`."""
     model = save_model_dir(tmp_path / "m", "bert-cls")
     data = write_csv(tmp_path / "rows.csv", sentences(4000))
     args = ["fisher", "--model", str(model), "--data", str(data), "--examples", "4000", "--batch-size", "1"]
+    before = len(served(stack["home"]))
     proc = subprocess.Popen(
         [FISHMERGE, *args, "--store", str(tmp_path / "f.zarr"), "--no-progress"],
         stdout=subprocess.PIPE,
@@ -140,25 +160,24 @@ def _long_fisher(stack, tmp_path: Path) -> subprocess.Popen:
     )
     line = proc.stderr.readline()  # main's first words: it runs
     assert "reporting to the shared server" in line, line + proc.stderr.read()
-    return proc
+    assert _wait_for(lambda: len(served(stack["home"])) > before, 30)
+    command, child = served(stack["home"])[before]
+    assert command == "fisher" and _parent_of(child) == stack["runner"]["pid"]  # forked by the runner
+    return proc, child
 
 
 def _gone(pid: int, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def gone() -> bool:
         try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
         except OSError:
             return True
-        if state == "Z":
-            return True
-        time.sleep(0.1)
-    return False
+
+    return _wait_for(gone, timeout_s)
 
 
 def test_ctrl_c_reaches_the_command(stack, tmp_path) -> None:
-    proc = _long_fisher(stack, tmp_path)
-    child = served(stack["home"])[-1][1]
+    proc, child = _long_fisher(stack, tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -167,37 +186,70 @@ def test_ctrl_c_reaches_the_command(stack, tmp_path) -> None:
     assert not (tmp_path / "f.zarr").exists()
 
 
+def test_a_command_ended_by_a_signal_ends_its_caller_by_it(stack, tmp_path) -> None:
+    proc, child = _long_fisher(stack, tmp_path)
+    os.kill(child, signal.SIGKILL)  # as the kernel's OOM killer would
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err  # the caller died of it too, as the command's own process would
+
+
 def test_a_command_whose_caller_dies_is_interrupted(stack, tmp_path) -> None:
-    proc = _long_fisher(stack, tmp_path)
-    child = served(stack["home"])[-1][1]
+    proc, child = _long_fisher(stack, tmp_path)
     proc.kill()
     proc.wait()
     assert _gone(child)  # interrupted, not left computing for nobody
     assert not (tmp_path / "f.zarr").exists()
 
 
-def test_another_code_version_runs_here_and_the_runner_reloads(stack, merge_inputs, tmp_path) -> None:
-    """A caller whose code fingerprint differs (as after `git pull` or `pip install`) is turned away with no
-    note; the runner then reloads itself (same process) and serves the next command."""
+def test_a_caller_of_another_installation_runs_the_command_itself(stack, merge_inputs, tmp_path) -> None:
+    """A request with another code fingerprint (another checkout or virtualenv sharing FISHMERGE_HOME) is
+    turned away with a note; the runner does not reload for it and goes on serving."""
     home, env = stack["home"], stack["env"]
+    ready = _ready_count(home)
     caller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     caller.settimeout(30)
     caller.connect(str(home / "warm-runner.sock"))
-    request = {"protocol": 1, "code": "another", "argv": ["fishmerge", "--version"], "cwd": str(tmp_path)}
+    request = {"protocol": PROTOCOL, "code": "another", "argv": ["fishmerge", "--version"], "cwd": str(tmp_path)}
     request |= {"umask": 0o022, "env": env}
     payload = json.dumps(request).encode()
     socket.send_fds(caller, [b"F"], [0, 1, 2])
     caller.sendall(struct.pack(">I", len(payload)) + payload)
-    assert json.loads(caller.makefile("rb").readline()) == {"ok": False, "why": ""}
+    answer = json.loads(caller.makefile("rb").readline())
     caller.close()
-
-    deadline = time.monotonic() + 120
-    log = home / "warm-runner.log"
-    while log.read_text().count("ready in") < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert "reloading" in log.read_text() and log.read_text().count("ready in") >= 2
-    assert Path(f"/proc/{stack['runner']['pid']}/cmdline").read_bytes().split(b"\0")[1:3] == [b"-P", b"-m"]
+    assert answer["ok"] is False and "another fishmerge installation" in answer["why"]
     before = len(served(home))
     done = fishmerge(["plan", str(merge_inputs)], env, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert len(served(home)) == before + 1
+    assert len(served(home)) == before + 1 and _ready_count(home) == ready
+
+
+def test_changed_code_runs_here_and_the_runner_reloads(stack, merge_inputs, tmp_path) -> None:
+    """A source file of fishmerge changes (its modification time here, the contents untouched): the next
+    command runs in its own process, silently; the runner reloads (the same process) and serves the next.
+    The time is put back afterwards, and the runner reloads once more."""
+    from fishmerge import sizes
+
+    home, env = stack["home"], stack["env"]
+    source = Path(sizes.__file__)
+    times = source.stat()
+    ready = _ready_count(home)
+    try:
+        os.utime(source, ns=(times.st_atime_ns, times.st_mtime_ns + 1_000_000_000))
+        before = len(served(home))
+        here = fishmerge(["plan", str(merge_inputs)], env, tmp_path)
+        assert here.returncode == 0, here.stderr
+        assert "note:" not in here.stderr and len(served(home)) == before
+        assert _wait_for(lambda: _ready_count(home) == ready + 1)
+        assert "reloading" in (home / "warm-runner.log").read_text()
+        assert Path(f"/proc/{stack['runner']['pid']}/cmdline").read_bytes().split(b"\0")[1:4] == [
+            b"-P",
+            b"-m",
+            b"fishmerge.flows.warm_runner",
+        ]
+        warm = fishmerge(["plan", str(merge_inputs)], env, tmp_path)
+        assert warm.returncode == 0, warm.stderr
+        assert len(served(home)) == before + 1 and warm.stdout == here.stdout
+    finally:
+        os.utime(source, ns=(times.st_atime_ns, times.st_mtime_ns))
+    fishmerge(["--version"], env, tmp_path)  # turned away once more: the runner reloads with the old time
+    assert _wait_for(lambda: _ready_count(home) == ready + 2)
