@@ -452,6 +452,8 @@ def _exit_without_teardown(status: list[int]) -> None:
 
     logging.shutdown()
     try:
+        if sys.stdout is None:  # started with descriptor 1 closed: print() wrote nothing
+            raise OSError("standard output is closed")
         sys.stdout.flush()
     except (OSError, ValueError) as exc:
         if status[0] == 0:
@@ -461,7 +463,8 @@ def _exit_without_teardown(status: list[int]) -> None:
             except (OSError, ValueError):
                 pass
     try:
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
     except (OSError, ValueError):
         pass
     os._exit(status[0])

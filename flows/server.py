@@ -213,7 +213,16 @@ def _wait_healthy(state: dict, proc: subprocess.Popen | None) -> bool:
 
 
 def _start_runner() -> dict:
-    """Start the warm runner in the background with this command's environment; its record."""
+    """Start the warm runner in the background with this command's environment; its record. A socket left
+    by a runner that was killed (nothing accepts on it) is removed first: the new runner's appears once
+    it is ready."""
+    path = runner_socket_path()
+    if runner_listening():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+            except ConnectionRefusedError:
+                path.unlink(missing_ok=True)
     log = runner_log_path()
     with contextlib.suppress(OSError):
         if log.stat().st_size > RUNNER_LOG_MAX_BYTES:  # a line per command: keep the last two logs' worth

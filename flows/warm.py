@@ -9,10 +9,11 @@ console command (`flows.cli.run`) connects to its Unix socket beside the shared 
 umask, environment and its standard input, output and error (the descriptors themselves). The child runs
 the same `flows.cli.run` in the caller's folder with the caller's environment and streams; the runner
 sends back its exit status. Ctrl-C, SIGTERM, SIGHUP and Ctrl-Z/fg of the caller are passed on to the
-child; a caller that dies interrupts it.
+child, and the signals the caller ignores (`nohup`) are ignored there too; a caller that dies interrupts it.
 
 A command runs in its own process instead, exactly as without a runner, when:
-- no runner is listening (none started, still importing, reloading or stopping), or FISHMERGE_NO_WARM is set;
+- no runner is listening (none started, still importing, reloading or stopping), FISHMERGE_NO_WARM is set,
+  or one of its standard streams is closed;
 - fishmerge's code or the installed packages changed since the runner started (it reloads itself as soon
   as no command of its runs), or the caller is another fishmerge installation;
 - a setting read when libraries are imported differs between the caller and the runner (the environment
@@ -129,16 +130,23 @@ def read_message(stream: BinaryIO) -> dict | None:
     return message if isinstance(message, dict) else None
 
 
-def _standard_fds() -> list[int]:
-    """Descriptors 0, 1, 2 of this process; a closed one is passed as /dev/null."""
-    fds = []
+def _standard_streams_open() -> bool:
+    """Whether descriptors 0, 1 and 2 are all open (a closed one is run here: Python itself then sees no
+    stream, which a passed stand-in would not reproduce)."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
-            fds.append(fd)
         except OSError:
-            fds.append(os.open(os.devnull, os.O_RDWR))
-    return fds
+            return False
+    return True
+
+
+IGNORABLE = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM)
+
+
+def _ignored_signals() -> list[int]:
+    """The signals this process ignores (`nohup`, a background job of a script): the command ignores them too."""
+    return [int(s) for s in IGNORABLE if signal.getsignal(s) is signal.SIG_IGN]
 
 
 def _current_umask() -> int:
@@ -150,7 +158,7 @@ def _current_umask() -> int:
 def run_in_runner(argv: list[str]) -> int | None:
     """Run `fishmerge argv` in the warm runner and return its exit status; None when this process must
     run it itself (see the module's docstring)."""
-    if not runner_listening():
+    if not runner_listening() or not _standard_streams_open():
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -162,13 +170,14 @@ def run_in_runner(argv: list[str]) -> int | None:
                 "cwd": os.getcwd(),
                 "umask": _current_umask(),
                 "env": dict(os.environ),
+                "ignored_signals": _ignored_signals(),
             }
             payload = json.dumps(request).encode()
             sock.settimeout(HANDSHAKE_TIMEOUT_S)
             sock.connect(str(runner_socket_path()))
             if peer_uid(sock) != os.getuid():  # a socket of another user's process: tell it nothing
                 return None
-            socket.send_fds(sock, [b"F"], _standard_fds())
+            socket.send_fds(sock, [b"F"], [0, 1, 2])
             sock.sendall(struct.pack(">I", len(payload)) + payload)
             replies = sock.makefile("rb")
             answer = read_message(replies)
@@ -206,7 +215,8 @@ def _wait_for(pid: int, replies: BinaryIO) -> int:
         forward(signal.SIGCONT, None)  # … then the command goes on too
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, forward)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored here, ignored by the command too
+            signal.signal(signum, forward)
     signal.signal(signal.SIGTSTP, suspend)
     try:
         done = read_message(replies)
@@ -215,8 +225,9 @@ def _wait_for(pid: int, replies: BinaryIO) -> int:
     status = (done or {}).get("status")
     if not isinstance(status, int):
         print(
-            f"fishmerge: error: the warm runner ended while the command ran (see {runner_log_path()}); rerun "
-            "it, or set FISHMERGE_NO_WARM=1 to run commands in their own process",
+            f"fishmerge: error: the warm runner ended while the command ran, so its outcome is unknown (it may "
+            f"still have finished: look at its output; see {runner_log_path()}); rerun it, or set "
+            "FISHMERGE_NO_WARM=1 to run commands in their own process",
             file=sys.stderr,
         )
         return 1

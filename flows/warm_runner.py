@@ -35,6 +35,7 @@ from pathlib import Path
 from fishmerge.flows.server import refresh_prefect_settings, runner_socket_path
 from fishmerge.flows.warm import (
     GO,
+    IGNORABLE,
     IMPORT_TIME_FILES,
     PROTOCOL,
     code_fingerprint,
@@ -132,6 +133,8 @@ def _valid(request: object) -> bool:
         and 0 <= umask <= 0o777
         and isinstance(env, dict)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+        and isinstance(request.get("ignored_signals"), list)
+        and all(s in IGNORABLE for s in request["ignored_signals"])
     )
 
 
@@ -249,13 +252,14 @@ class Runner:
         conn: socket.socket | None = None
         try:
             conn, _ = listener.accept()
+            deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S  # for the whole request, however it trickles in
             conn.settimeout(HANDSHAKE_TIMEOUT_S)
             if peer_uid(conn) != os.getuid():
                 raise ConnectionError("a caller of another user")
             _, fds, _, _ = socket.recv_fds(conn, 1, 3)
             if len(fds) != 3:
                 raise ConnectionError("the caller passed no standard streams")
-            request = self._request(conn)
+            request = self._request(conn, deadline)
             why = self._refusal(request)
             if why is not None:
                 conn.sendall(json.dumps({"ok": False, "why": why}).encode() + b"\n")
@@ -278,20 +282,24 @@ class Runner:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    def _request(self, conn: socket.socket) -> dict:
+    def _request(self, conn: socket.socket, deadline: float) -> dict:
         """The caller's request: a 4-byte length, then that much JSON (bounded), every field checked."""
-        (size,) = struct.unpack(">I", self._read_exactly(conn, 4))
+        (size,) = struct.unpack(">I", self._read_exactly(conn, 4, deadline))
         if size > MAX_REQUEST_BYTES:
             raise ValueError(f"a request of {size} bytes")
-        request = json.loads(self._read_exactly(conn, size))
+        request = json.loads(self._read_exactly(conn, size, deadline))
         if not _valid(request):
             raise ValueError("a malformed request")
         return request
 
     @staticmethod
-    def _read_exactly(conn: socket.socket, size: int) -> bytes:
+    def _read_exactly(conn: socket.socket, size: int, deadline: float) -> bytes:
         chunks, left = [], size
         while left:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the caller's request came too slowly")
+            conn.settimeout(remaining)
             chunk = conn.recv(min(left, 65536))
             if not chunk:
                 raise ConnectionError("the caller hung up")
@@ -333,6 +341,8 @@ class Runner:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            for signum in request["ignored_signals"]:  # as the caller does (nohup, a script's background job)
+                signal.signal(signum, signal.SIG_IGN)
             os.setpgid(0, 0)  # `server stop` signals the runner, not the commands it started
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)

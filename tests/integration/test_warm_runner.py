@@ -143,7 +143,7 @@ def _parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def _long_fisher(stack, tmp_path: Path) -> tuple[subprocess.Popen, int]:
+def _long_fisher(stack, tmp_path: Path, **popen) -> tuple[subprocess.Popen, int]:
     """A `fishmerge fisher` of several seconds started through the runner; returns it and the runner's child
     that runs it, once that child runs `main`."""
     model = save_model_dir(tmp_path / "m", "bert-cls")
@@ -157,6 +157,7 @@ def _long_fisher(stack, tmp_path: Path) -> tuple[subprocess.Popen, int]:
         text=True,
         cwd=tmp_path,
         env=stack["env"],
+        **popen,
     )
     line = proc.stderr.readline()  # main's first words: it runs
     assert "reporting to the shared server" in line, line + proc.stderr.read()
@@ -201,6 +202,32 @@ def test_a_command_whose_caller_dies_is_interrupted(stack, tmp_path) -> None:
     assert not (tmp_path / "f.zarr").exists()
 
 
+def test_signals_the_caller_ignores_stay_ignored(stack, tmp_path) -> None:
+    """`nohup fishmerge …`: the command survives the hang-up, as it would in its own process."""
+    proc, child = _long_fisher(stack, tmp_path, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        ignored = next(ln for ln in Path(f"/proc/{child}/status").read_text().splitlines() if ln.startswith("SigIgn"))
+        assert int(ignored.split()[1], 16) & (1 << (signal.SIGHUP - 1))
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert proc.poll() is None and not _gone(child, timeout_s=0)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _gone(child)
+
+
+def test_closed_standard_streams_run_in_the_callers_process(stack, merge_inputs, tmp_path) -> None:
+    env, home = stack["env"], stack["home"]
+    before = len(served(home))
+    no_stdin = fishmerge(["plan", str(merge_inputs)], env, tmp_path, preexec_fn=lambda: os.close(0))
+    assert no_stdin.returncode == 0 and "merge plan" in no_stdin.stdout, no_stdin.stderr
+    no_stdout = fishmerge(["plan", str(merge_inputs)], env, tmp_path, preexec_fn=lambda: os.close(1))
+    assert no_stdout.returncode == 120  # the result could not be written: never a silent 0
+    assert "fishmerge: error: could not write the result to stdout" in no_stdout.stderr
+    assert len(served(home)) == before
+
+
 def test_a_caller_of_another_installation_runs_the_command_itself(stack, merge_inputs, tmp_path) -> None:
     """A request with another code fingerprint (another checkout or virtualenv sharing FISHMERGE_HOME) is
     turned away with a note; the runner does not reload for it and goes on serving."""
@@ -210,7 +237,7 @@ def test_a_caller_of_another_installation_runs_the_command_itself(stack, merge_i
     caller.settimeout(30)
     caller.connect(str(home / "warm-runner.sock"))
     request = {"protocol": PROTOCOL, "code": "another", "argv": ["fishmerge", "--version"], "cwd": str(tmp_path)}
-    request |= {"umask": 0o022, "env": env}
+    request |= {"umask": 0o022, "env": env, "ignored_signals": []}
     payload = json.dumps(request).encode()
     socket.send_fds(caller, [b"F"], [0, 1, 2])
     caller.sendall(struct.pack(">I", len(payload)) + payload)
