@@ -409,11 +409,17 @@ def _fresh_random_state() -> None:
 
 
 def _interrupt_when_gone(conn: socket.socket) -> None:
-    """In the child: when the caller hangs up before the command ends (it died), interrupt the command."""
+    """In the child: when the caller hangs up before the command ends (it died, and so would a command in
+    its own process have), end the command: interrupted (it cleans up) unless it ignores SIGINT like its
+    caller did, then terminated, then killed."""
     with contextlib.suppress(OSError):
         while conn.recv(4096):
             pass
-    os.kill(os.getpid(), signal.SIGINT)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            os.kill(os.getpid(), signum)
+            return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -143,9 +144,21 @@ def _parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def _long_fisher(stack, tmp_path: Path, **popen) -> tuple[subprocess.Popen, int]:
-    """A `fishmerge fisher` of several seconds started through the runner; returns it and the runner's child
-    that runs it, once that child runs `main`."""
+def _signals(ignored: tuple[int, ...] = ()) -> Callable[[], None]:
+    """For Popen's preexec_fn: the caller starts with SIGINT and SIGHUP at their defaults, as from a terminal
+    (a background job of a non-interactive shell, such as a CI script, inherits SIGINT ignored), but for
+    those `ignored`."""
+
+    def reset() -> None:
+        for signum in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
+
+    return reset
+
+
+def _long_fisher(stack, tmp_path: Path, ignored: tuple[int, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """A `fishmerge fisher` of several seconds started through the runner (the caller ignoring `ignored`);
+    returns it and the runner's child that runs it, once that child runs `main`."""
     model = save_model_dir(tmp_path / "m", "bert-cls")
     data = write_csv(tmp_path / "rows.csv", sentences(4000))
     args = ["fisher", "--model", str(model), "--data", str(data), "--examples", "4000", "--batch-size", "1"]
@@ -157,7 +170,7 @@ def _long_fisher(stack, tmp_path: Path, **popen) -> tuple[subprocess.Popen, int]
         text=True,
         cwd=tmp_path,
         env=stack["env"],
-        **popen,
+        preexec_fn=_signals(ignored),
     )
     line = proc.stderr.readline()  # main's first words: it runs
     assert "reporting to the shared server" in line, line + proc.stderr.read()
@@ -194,8 +207,9 @@ def test_a_command_ended_by_a_signal_ends_its_caller_by_it(stack, tmp_path) -> N
     assert proc.returncode == -signal.SIGKILL, err  # the caller died of it too, as the command's own process would
 
 
-def test_a_command_whose_caller_dies_is_interrupted(stack, tmp_path) -> None:
-    proc, child = _long_fisher(stack, tmp_path)
+@pytest.mark.parametrize("caller_ignores", [(), (signal.SIGINT,)], ids=["sigint-handled", "sigint-ignored"])
+def test_a_command_whose_caller_dies_is_interrupted(stack, tmp_path, caller_ignores) -> None:
+    proc, child = _long_fisher(stack, tmp_path, caller_ignores)
     proc.kill()
     proc.wait()
     assert _gone(child)  # interrupted, not left computing for nobody
@@ -204,7 +218,7 @@ def test_a_command_whose_caller_dies_is_interrupted(stack, tmp_path) -> None:
 
 def test_signals_the_caller_ignores_stay_ignored(stack, tmp_path) -> None:
     """`nohup fishmerge …`: the command survives the hang-up, as it would in its own process."""
-    proc, child = _long_fisher(stack, tmp_path, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    proc, child = _long_fisher(stack, tmp_path, (signal.SIGHUP,))
     try:
         ignored = next(ln for ln in Path(f"/proc/{child}/status").read_text().splitlines() if ln.startswith("SigIgn"))
         assert int(ignored.split()[1], 16) & (1 << (signal.SIGHUP - 1))
