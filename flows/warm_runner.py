@@ -369,7 +369,9 @@ class Runner:
             run(use_runner=False, exit_handlers=self.exit_handlers)
         except SystemExit:
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # before the CLI took over
+            with contextlib.suppress(Exception):
+                print("fishmerge: interrupted", file=sys.stderr, flush=True)
             os._exit(130)
         except BaseException as exc:  # noqa: BLE001 (the child must never return into the runner's loop)
             with contextlib.suppress(Exception):

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def test_shared_server_is_reused_by_commands_and_stopped(own_env, tmp_path) -> N
         assert started.returncode == 0, started.stderr
         url = started.stdout.split()[0]
         assert url.startswith("http://127.0.0.1:") and "(started" in started.stdout
+        assert "warm runner pid" in started.stdout  # its runner listens (tests/integration/test_warm_runner.py)
+        assert (tmp_path / "fmhome" / "warm-runner.sock").exists()
         state = json.loads((tmp_path / "fmhome" / "prefect-server.json").read_text())
         assert state["url"] == url
         again = fishmerge(["server", "start"], own_env, tmp_path)
@@ -75,7 +78,21 @@ def test_shared_server_is_reused_by_commands_and_stopped(own_env, tmp_path) -> N
     assert stopped.returncode == 0 and "stopped the shared Prefect server" in stopped.stdout
     assert not Path(f"/proc/{state['pid']}/cmdline").exists() or not Path(f"/proc/{state['pid']}/cmdline").read_bytes()
     assert not (tmp_path / "fmhome" / "prefect-server.json").exists()
+    assert _wait_gone(state["runner"]["pid"]) and not (tmp_path / "fmhome" / "warm-runner.sock").exists()
     assert "no shared Prefect server running" in fishmerge(["server", "status"], own_env, tmp_path).stdout
+
+
+def _wait_gone(pid: int, timeout_s: float = 60.0) -> bool:
+    """Whether the process is gone (or a zombie) within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_a_record_of_another_process_is_never_signalled(own_env, tmp_path) -> None:

