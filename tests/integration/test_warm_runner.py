@@ -24,6 +24,7 @@ from fishmerge.flows.warm import PROTOCOL
 from safetensors.numpy import load_file
 
 from tests.conftest import save_model_dir, sentences, write_csv
+from tests.integration.test_server import _wait_gone
 
 FISHMERGE = str(Path(sys.executable).with_name("fishmerge"))  # the console command, as users run it
 
@@ -192,23 +193,13 @@ def _long_fisher(stack, tmp_path: Path, ignored: tuple[int, ...] = ()) -> tuple[
     return proc, child
 
 
-def _gone(pid: int, timeout_s: float = 60.0) -> bool:
-    def gone() -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
-            return True
-
-    return _wait_for(gone, timeout_s)
-
-
 def test_ctrl_c_reaches_the_command(stack, tmp_path) -> None:
     proc, child = _long_fisher(stack, tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "fishmerge: interrupted" in err
-    assert _gone(child)
+    assert _wait_gone(child)
     assert not (tmp_path / "f.zarr").exists()
 
 
@@ -224,7 +215,7 @@ def test_a_command_whose_caller_dies_is_interrupted(stack, tmp_path, caller_igno
     proc, child = _long_fisher(stack, tmp_path, caller_ignores)
     proc.kill()
     proc.wait()
-    assert _gone(child)  # interrupted, not left computing for nobody
+    assert _wait_gone(child)  # interrupted, not left computing for nobody
     assert not (tmp_path / "f.zarr").exists()
 
 
@@ -236,11 +227,11 @@ def test_signals_the_caller_ignores_stay_ignored(stack, tmp_path) -> None:
         assert int(ignored.split()[1], 16) & (1 << (signal.SIGHUP - 1))
         proc.send_signal(signal.SIGHUP)
         time.sleep(1)
-        assert proc.poll() is None and not _gone(child, timeout_s=0)
+        assert proc.poll() is None and not _wait_gone(child, timeout_s=0)
     finally:
         proc.kill()
         proc.wait()
-    assert _gone(child)
+    assert _wait_gone(child)
 
 
 def test_closed_standard_streams_run_in_the_callers_process(stack, merge_inputs, tmp_path) -> None:
