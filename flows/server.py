@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 import tomllib
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +73,8 @@ def _locked() -> Iterator[None]:
 
 
 def _healthy(url: str, timeout: float = 2.0) -> bool:
+    import urllib.request  # here: every `fishmerge` command imports this module to look for the runner
+
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:  # noqa: S310 (a loopback URL we wrote)
             return r.status == 200
